@@ -1,0 +1,41 @@
+# Every target creates .venv itself when it is missing. On a CUDA machine: make CONSTRAINTS= EXTRAS=dev,bench,gpu
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS ?= constraints-cpu.txt
+EXTRAS ?= dev,bench
+ROOT ?= data/demo
+ABSROOT := $(abspath $(ROOT))
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test ui bench clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/python -m curation_assets.demo --root $(ROOT)
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+ui: venv
+	DAGSTER_HOME=$(ABSROOT)/dagster_home CURATION_ROOT=$(ABSROOT) CURATION_SHARDS=$(ABSROOT)/shards \
+	CURATION_CONFIG=$(if $(wildcard $(ABSROOT)/demo_config.yaml),$(ABSROOT)/demo_config.yaml,) \
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: venv
+	mkdir -p bench/results
+	set -e; for script in bench/bench_*.py; do \
+	  name=$$(basename $$script .py | sed 's/^bench_//'); \
+	  echo "== $$script"; $(BIN)/python $$script --out bench/results/$$name.json; \
+	done
+	$(BIN)/python bench/summarize.py bench/results
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,83 @@
+"""Ingest + encode throughput on the demo corpus (this machine, CPU, perceptual encoder), stage by stage and
+end to end through Dagster (samples + image_embeddings materialised for every shard)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from curation_assets.core.shards import iter_image_batches, read_shard
+from curation_assets.pipeline import open_pipeline
+from resources.encoders import EncoderResource
+
+CORPUS = Path("bench/results/raw/corpus")
+
+
+def ensure_corpus(shards: int, per_shard: int) -> Path:
+    from curation_assets.core.demo_corpus import write_demo_corpus
+
+    stamp = CORPUS / "params.json"
+    params = {"shards": shards, "per_shard": per_shard}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == params):
+        shutil.rmtree(CORPUS, ignore_errors=True)
+        write_demo_corpus(CORPUS, shards=shards, per_shard=per_shard, seed=0)
+        stamp.write_text(json.dumps(params))
+    return CORPUS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/ingest.json")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=1000)
+    args = parser.parse_args()
+    corpus = ensure_corpus(args.shards, args.per_shard)
+    tars = sorted(corpus.glob("*.tar"))
+
+    started = time.perf_counter()
+    frames = [read_shard(t.stem, t, t.with_suffix(".parquet")) for t in tars]
+    ingest_s = time.perf_counter() - started
+    n = sum(f.height for f in frames)
+
+    model = EncoderResource(kind="perceptual").load()
+    started = time.perf_counter()
+    encoded = 0
+    for tar, frame in zip(tars, frames):
+        members = frame.filter(frame["status"] == "ok")["image_member"].to_list()
+        for chunk in iter_image_batches(tar, members, 1024):
+            encoded += len(model.encode_bytes([d for _, d in chunk]))
+    encode_s = time.perf_counter() - started
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = open_pipeline(Path(tmp) / "root", corpus, instance=dg.DagsterInstance.ephemeral())
+        pipeline.register_all_shards()
+        started = time.perf_counter()
+        pipeline.materialize(["samples", "image_embeddings"])
+        dagster_s = time.perf_counter() - started
+
+    result = {
+        "machine": f"{platform.node()} {os.cpu_count()} cpu",
+        "images": n,
+        "ingest_images_per_s": n / ingest_s,
+        "encode_images_per_s_perceptual": encoded / encode_s,
+        "dagster_samples_plus_embeddings_s": dagster_s,
+        "dagster_images_per_s": n / dagster_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "encoder": model.name,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

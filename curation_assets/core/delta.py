@@ -1,0 +1,169 @@
+"""Delta Lake tables the pipeline owns: per-shard partition overwrite, append, lazy scans, embeddings.
+
+Every table lives at ``<root>/delta/<name>``. Per-shard tables are partitioned by the ``shard`` column and a
+write replaces exactly one shard (a predicate overwrite), so re-running a shard never touches its
+neighbours and several shards written in one run (a ranged backfill) all survive. Concurrent writers of
+different shards race on the Delta log; the loser retries its commit.
+
+Vectors are stored as ``List(Float32)`` (``pl.Array`` does not read back from Delta) and come out of
+:func:`load_embeddings` as one C-contiguous float32 matrix.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import polars as pl
+
+_RETRIES = 12
+
+
+def _retrying(write, what: str):
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    last: Exception | None = None
+    for attempt in range(_RETRIES):
+        try:
+            return write()
+        except (CommitFailedError, DeltaError, OSError) as exc:  # lost a commit race or a create race
+            message = str(exc).lower()
+            transient = isinstance(exc, CommitFailedError) or any(
+                word in message for word in ("conflict", "already exists", "version", "transaction", "commit")
+            )
+            if not transient:
+                raise
+            last = exc
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise RuntimeError(f"could not commit {what} after {_RETRIES} attempts: {last}") from last
+
+
+def _arrow(df: pl.DataFrame):
+    return df.to_arrow()
+
+
+def table_exists(path: str | Path) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(str(path))
+
+
+def write_shard(path: str | Path, df: pl.DataFrame, shard: str) -> int:
+    """Replace the rows of one shard in a ``shard``-partitioned table; returns the rows written."""
+    from deltalake import write_deltalake
+
+    if "shard" not in df.columns:
+        raise ValueError(f"{path}: a per-shard table needs a 'shard' column")
+    others = df.filter(pl.col("shard") != shard).height
+    if others:
+        raise ValueError(f"{path}: {others} rows do not belong to shard {shard!r}")
+    _check_shard_key(shard)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = _arrow(df)
+
+    def write():
+        if table_exists(path):
+            write_deltalake(str(path), data, mode="overwrite", predicate=f"shard = '{shard}'",
+                            partition_by=["shard"], schema_mode=None)
+        else:
+            write_deltalake(str(path), data, mode="error", partition_by=["shard"])
+
+    _retrying(write, f"shard {shard} of {path}")
+    return df.height
+
+
+def write_table(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
+    """Replace a whole (global) table, schema included; returns the rows written."""
+    from deltalake import write_deltalake
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = _arrow(df)
+    _retrying(
+        lambda: write_deltalake(str(path), data, mode="overwrite", schema_mode="overwrite",
+                                partition_by=list(partition_by) if partition_by else None),
+        f"{path}",
+    )
+    return df.height
+
+
+def append(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
+    """Append rows to an append-only table (labels, alerts); returns the rows written."""
+    from deltalake import write_deltalake
+
+    if df.height == 0:
+        return 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = _arrow(df)
+    _retrying(
+        lambda: write_deltalake(str(path), data, mode="append",
+                                partition_by=list(partition_by) if partition_by else None),
+        f"append to {path}",
+    )
+    return df.height
+
+
+def scan(path: str | Path, shards: Iterable[str] | None = None) -> pl.LazyFrame:
+    """Lazy scan of a table, optionally restricted to some shards (partition pruning)."""
+    if not table_exists(path):
+        raise FileNotFoundError(f"Delta table {path} does not exist yet: materialise its asset first")
+    lf = pl.scan_delta(str(path))
+    if shards is not None:
+        lf = lf.filter(pl.col("shard").is_in(list(shards)))
+    return lf
+
+
+def read(path: str | Path, shards: Iterable[str] | None = None, columns: Sequence[str] | None = None) -> pl.DataFrame:
+    lf = scan(path, shards)
+    if columns is not None:
+        lf = lf.select(list(columns))
+    return lf.collect()
+
+
+def shards_in(path: str | Path) -> list[str]:
+    """The shard keys present in a per-shard table."""
+    if not table_exists(path):
+        return []
+    return sorted(pl.scan_delta(str(path)).select(pl.col("shard").unique()).collect()["shard"].to_list())
+
+
+def embeddings_frame(uids: Sequence[str], shards: Sequence[str], vectors: np.ndarray, encoder: str) -> pl.DataFrame:
+    """The ``image_embeddings`` row layout for a block of vectors."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    flat = pl.Series("embedding", vectors.reshape(-1))
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    lists = pl.Series("embedding", [], dtype=pl.List(pl.Float32)) if not len(uids) else (
+        flat.reshape((len(uids), dim)).cast(pl.List(pl.Float32))
+    )
+    return pl.DataFrame({
+        "uid": pl.Series(list(uids), dtype=pl.String),
+        "shard": pl.Series(list(shards), dtype=pl.String),
+        "embedding": lists,
+        "encoder": pl.Series([encoder] * len(uids), dtype=pl.String),
+    })
+
+
+def matrix(column: pl.Series) -> np.ndarray:
+    """A ``List(Float32)`` column as one C-contiguous float32 matrix (no per-row Python work)."""
+    if column.len() == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    lengths = column.list.len()
+    dim = int(lengths[0])
+    if lengths.min() != dim or lengths.max() != dim or column.null_count():
+        raise ValueError("embedding column mixes vector lengths or has nulls")
+    flat = column.explode().to_numpy()
+    return np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(-1, dim))
+
+
+def load_embeddings(path: str | Path, shards: Iterable[str] | None = None) -> tuple[pl.DataFrame, np.ndarray]:
+    """``(ids, X)``: ids has uid, shard, encoder in the row order of the float32 matrix ``X``."""
+    df = scan(path, shards).sort("uid").collect()
+    ids = df.select("uid", "shard", "encoder")
+    return ids, matrix(df["embedding"])
+
+
+def _check_shard_key(shard: str) -> None:
+    if not shard or any(ch in shard for ch in "',|\\/\n") or "..." in shard:
+        raise ValueError(f"invalid shard key {shard!r}: use letters, digits, '-', '_' and '.'")

@@ -1,0 +1,359 @@
+"""Reading img2dataset / WebDataset tar shards without extracting them, and validating every member.
+
+A shard is a tar of member groups that share a key: ``{key}.jpg|png|webp`` (the image), ``{key}.txt`` (the
+caption), ``{key}.json`` (metadata). :func:`read_shard` turns every group into exactly one row: ``status =
+"ok"`` with a decoded, validated image, or ``status = "rejected"`` with a readable ``error``. Nothing is
+written to disk, so member names with ``..`` or absolute paths are harmless; they are still rejected.
+A tar cut off in the middle keeps every group read before the damage and adds one rejected row that
+records where the stream broke.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import warnings as pywarnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator
+
+import numpy as np
+import polars as pl
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+TRUNCATED_KEY = "_tar_truncated"
+
+SAMPLES_SCHEMA = {
+    "uid": pl.String,
+    "shard": pl.String,
+    "key": pl.String,
+    "caption": pl.String,
+    "url": pl.String,
+    "width": pl.Int32,
+    "height": pl.Int32,
+    "mode": pl.String,
+    "format": pl.String,
+    "bytes": pl.Int64,
+    "sha256": pl.String,
+    "image_member": pl.String,
+    "status": pl.String,
+    "error": pl.String,
+    "warnings": pl.String,
+}
+
+
+@dataclass
+class IngestLimits:
+    """What a valid image is: ``max_pixels`` guards against decompression bombs."""
+
+    max_pixels: int = 89_478_485
+    min_side: int = 8
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    image_extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    @classmethod
+    def from_config(cls, section: dict) -> "IngestLimits":
+        known = {"max_pixels", "min_side", "allowed_formats", "image_extensions"}
+        unknown = set(section) - known
+        if unknown:
+            raise ValueError(f"ingest config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        limits = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        if limits.max_pixels <= 0 or limits.min_side <= 0:
+            raise ValueError("ingest config: max_pixels and min_side must be positive")
+        return limits
+
+
+@dataclass
+class _Group:
+    key: str
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    caption: bytes | None = None
+    meta: bytes | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _unsafe(name: str) -> bool:
+    path = PurePosixPath(name)
+    return name.startswith(("/", "\\")) or ".." in path.parts or (len(name) > 1 and name[1] == ":")
+
+
+def _split(name: str) -> tuple[str, str]:
+    base = PurePosixPath(name).name
+    stem, dot, ext = base.partition(".")
+    return (stem, ext.lower()) if dot else (base, "")
+
+
+def iter_members(tar_path: Path) -> Iterator[tuple[tarfile.TarInfo | None, bytes | None, str | None]]:
+    """Stream ``(info, data, error)`` for every member; a final ``(None, None, error)`` if the tar is truncated."""
+    try:
+        handle = tarfile.open(tar_path, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ValueError(f"cannot open shard {tar_path}: {exc}") from exc
+    with handle:
+        while True:
+            try:
+                info = handle.next()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield None, None, f"tar truncated or corrupt after {handle.offset} bytes: {exc}"
+                return
+            if info is None:
+                return
+            if not info.isfile():
+                yield info, None, None if info.isdir() else f"unsupported tar member type ({'link' if info.issym() or info.islnk() else 'special'})"
+                continue
+            try:
+                data = handle.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"member has {len(data)} of {info.size} bytes")
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield info, None, f"tar truncated inside member {info.name!r}: {exc}"
+                yield None, None, f"tar truncated or corrupt at member {info.name!r}: {exc}"
+                return
+            yield info, data, None
+
+
+def _decode(data: bytes, limits: IngestLimits) -> tuple[Image.Image | None, dict]:
+    """Decode and validate one image; returns (RGB image or None, facts with ``error`` on failure)."""
+    facts: dict = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if not data:
+        facts["error"] = "empty file (0 bytes)"
+        return None, facts
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            facts.update(width=img.width, height=img.height, mode=img.mode, format=img.format)
+            if img.format not in limits.allowed_formats:
+                facts["error"] = f"unsupported image format {img.format}"
+                return None, facts
+            if img.width * img.height > limits.max_pixels:
+                facts["error"] = (f"decompression bomb: {img.width}x{img.height} = {img.width * img.height} pixels "
+                                  f"exceeds max_pixels={limits.max_pixels}")
+                return None, facts
+            if min(img.width, img.height) < limits.min_side:
+                facts["error"] = f"image too small: {img.width}x{img.height} (min_side={limits.min_side})"
+                return None, facts
+            img.load()
+            return to_rgb(img), facts
+    except Exception as exc:  # PIL raises many types for bad bytes; every one becomes a recorded rejection
+        kind = "not an image" if "cannot identify" in str(exc) else "corrupt or truncated image"
+        facts["error"] = f"{kind}: {exc}"
+        return None, facts
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: alpha composited on white, 16-bit and float scaled, CMYK and palette converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode bytes already validated by ingest into an RGB image."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_rgb(img)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _caption(group: _Group, fallback: str | None, warnings: list[str]) -> str | None:
+    if group.caption is None:
+        if fallback is not None:
+            warnings.append("caption taken from the shard parquet (no .txt member)")
+            return fallback
+        warnings.append("missing caption")
+        return None
+    try:
+        return group.caption.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        warnings.append("caption is not valid UTF-8 (undecodable bytes replaced)")
+        return group.caption.decode("utf-8", errors="replace").strip()
+
+
+def _parquet_rows(parquet: Path | None) -> dict[str, dict]:
+    if parquet is None:
+        return {}
+    try:
+        df = pl.read_parquet(parquet)
+    except Exception as exc:  # an unreadable sidecar must not lose the shard
+        return {"__error__": {"error": f"unreadable parquet {parquet.name}: {exc}"}}
+    if "key" not in df.columns:
+        return {}
+    keep = [c for c in ("key", "caption", "url") if c in df.columns]
+    return {str(r["key"]): r for r in df.select(keep).iter_rows(named=True)}
+
+
+def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
+               limits: IngestLimits | None = None) -> pl.DataFrame:
+    """One ``samples`` row per member group of the shard (see module docstring). Raises only when the tar
+    cannot be opened at all, naming the file."""
+    limits = limits or IngestLimits()
+    tar_path = Path(tar_path)
+    if not tar_path.is_file():
+        raise FileNotFoundError(f"shard {shard!r}: tar file {tar_path} does not exist")
+    sidecar = _parquet_rows(parquet_path)
+    groups: dict[str, _Group] = {}
+    order: list[str] = []
+    rows: list[dict] = []
+    truncation: str | None = None
+
+    def group(key: str) -> _Group:
+        if key not in groups:
+            groups[key] = _Group(key)
+            order.append(key)
+        return groups[key]
+
+    for info, data, error in iter_members(tar_path):
+        if info is None:
+            truncation = error
+            break
+        if info.isdir():
+            continue
+        key, ext = _split(info.name)
+        if _unsafe(info.name):
+            rows.append(_rejected(shard, info.name, f"unsafe member path {info.name!r} (absolute or '..'); not read"))
+            continue
+        if error is not None:
+            group(key).problems.append(f"{info.name}: {error}")
+            continue
+        g = group(key)
+        if ext in limits.image_extensions:
+            g.images.append((info.name, data))
+        elif ext == "txt":
+            if g.caption is not None:
+                g.problems.append(f"duplicate caption member {info.name!r} (first one kept)")
+            else:
+                g.caption = data
+        elif ext == "json":
+            g.meta = data
+        elif ext in ("svg", "heic", "heif", "avif", "jp2", "psd", "ico", "pdf"):
+            g.images.append((info.name, data))
+        else:
+            g.problems.append(f"ignored member {info.name!r} (unknown extension)")
+
+    for key in order:
+        rows.extend(_group_rows(shard, groups[key], sidecar.get(key, {}).get("caption"),
+                                sidecar.get(key, {}).get("url"), limits))
+    if truncation is not None:
+        rows.append(_rejected(shard, TRUNCATED_KEY, truncation))
+    if "__error__" in sidecar:
+        for row in rows:
+            row["warnings"] = "; ".join(filter(None, [row.get("warnings"), sidecar["__error__"]["error"]]))
+    return _unique_uids(pl.DataFrame(rows, schema=SAMPLES_SCHEMA) if rows else pl.DataFrame(schema=SAMPLES_SCHEMA))
+
+
+def _url(meta: bytes | None, fallback: str | None, warnings: list[str]) -> str | None:
+    if meta is None:
+        return fallback
+    try:
+        parsed = json.loads(meta.decode("utf-8"))
+        return parsed.get("url", fallback) if isinstance(parsed, dict) else fallback
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        warnings.append("metadata .json is not valid UTF-8 JSON")
+        return fallback
+
+
+def _group_rows(shard: str, g: _Group, parquet_caption: str | None, parquet_url: str | None,
+                limits: IngestLimits) -> list[dict]:
+    warnings = list(g.problems)
+    if not g.images:
+        row = _rejected(shard, g.key, "no image member for this key")
+        row["caption"] = _caption(g, parquet_caption, [])
+        row["warnings"] = "; ".join(warnings) or None
+        return [row]
+    rows = []
+    caption = _caption(g, parquet_caption, warnings)
+    url = _url(g.meta, parquet_url, warnings)
+    for i, (member, data) in enumerate(g.images):
+        key = g.key if i == 0 else f"{g.key}#{i + 1}"
+        row = _rejected(shard, key, None)
+        row.update(caption=caption, url=url, image_member=member)
+        if i > 0:
+            row["error"] = f"duplicate key {g.key!r}: {member!r} repeats an image already read for this key"
+            row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        else:
+            _, facts = _decode(data, limits)
+            row.update({k: v for k, v in facts.items() if k != "error"})
+            if "error" in facts:
+                row["error"] = facts["error"]
+            else:
+                row["status"] = "ok"
+        if row["mode"] not in (None, "RGB") and row["status"] == "ok":
+            warnings_i = warnings + [f"converted from mode {row['mode']} to RGB"]
+        else:
+            warnings_i = warnings
+        row["warnings"] = "; ".join(warnings_i) or None
+        rows.append(row)
+    return rows
+
+
+def _rejected(shard: str, key: str, error: str | None) -> dict:
+    return {
+        "uid": f"{shard}/{key}", "shard": shard, "key": key, "caption": None, "url": None, "width": None,
+        "height": None, "mode": None, "format": None, "bytes": None, "sha256": None, "image_member": None,
+        "status": "rejected", "error": error, "warnings": None,
+    }
+
+
+def _unique_uids(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows that would share a uid (an unsafe name reused, say) get a ``#n`` suffix so none is lost."""
+    n = pl.int_range(pl.len()).over("uid")
+    return df.with_columns(
+        pl.when(n > 0).then(pl.col("uid") + "#" + (n + 1).cast(pl.String)).otherwise(pl.col("uid")).alias("uid")
+    )
+
+
+def read_images(tar_path: Path, members: Iterable[str]) -> dict[str, bytes]:
+    """The bytes of the named members, in one streaming pass over the tar."""
+    wanted = set(members)
+    found: dict[str, bytes] = {}
+    if not wanted:
+        return found
+    for info, data, _ in iter_members(Path(tar_path)):
+        if info is None:
+            break
+        if data is not None and info.name in wanted and info.name not in found:
+            found[info.name] = data
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def iter_image_batches(tar_path: Path, members: Iterable[str], batch: int) -> Iterator[list[tuple[str, bytes]]]:
+    """The named members' bytes in tar order, ``batch`` at a time (bounded memory for big shards)."""
+    wanted = set(members)
+    seen: set[str] = set()
+    chunk: list[tuple[str, bytes]] = []
+    for info, data, _ in iter_members(Path(tar_path)):
+        if info is None:
+            break
+        if data is not None and info.name in wanted and info.name not in seen:
+            seen.add(info.name)
+            chunk.append((info.name, data))
+            if len(chunk) >= batch:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk

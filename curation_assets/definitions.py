@@ -1,0 +1,66 @@
+"""The Definitions object: every stage's assets, checks and sensors, and the resources they share.
+
+Resources read their settings from the environment so ``dagster dev`` (workspace.yaml), ``curate run`` and the
+tests all see the same data root:
+
+- ``CURATION_ROOT``: data root (Delta tables, artefacts, reports); default ``./data``.
+- ``CURATION_SHARDS``: directory the shard sensor watches; default ``<root>/shards``.
+- ``CURATION_CONFIG``: optional YAML file with per-stage settings.
+- ``CURATION_ENCODER``: ``perceptual`` (default, weight-free) or ``open_clip``; with open_clip also
+  ``CURATION_CLIP_MODEL`` and ``CURATION_CLIP_PRETRAINED`` (a pretrained tag or a local checkpoint path).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from curation_assets import audits, bias, dedup, embeddings, ingest, safety, sensors
+from resources.alerts import AlertSink
+from resources.encoders import EncoderResource
+from resources.settings import CurationSettings
+from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
+from resources.vector_search import VectorSearch
+
+STAGES = (ingest, embeddings, safety, dedup, bias, audits, sensors)
+
+
+def build_resources(
+    root: str | None = None,
+    shards_dir: str | None = None,
+    config_path: str | None = None,
+    encoder: EncoderResource | None = None,
+) -> dict[str, Any]:
+    """The resources for a data root; arguments override the ``CURATION_*`` environment variables."""
+    root = root or os.environ.get("CURATION_ROOT", "data")
+    shards_dir = shards_dir or os.environ.get("CURATION_SHARDS") or os.path.join(root, "shards")
+    config_path = config_path or os.environ.get("CURATION_CONFIG") or None
+    if encoder is None:
+        kind = os.environ.get("CURATION_ENCODER", "perceptual")
+        encoder = EncoderResource(
+            kind=kind,
+            model=os.environ.get("CURATION_CLIP_MODEL", "ViT-B-32"),
+            pretrained=os.environ.get("CURATION_CLIP_PRETRAINED") or None,
+        )
+    return {
+        "storage": DeltaStorage(root=root),
+        "settings": CurationSettings(config_path=config_path),
+        "shard_source": ShardSource(uri=shards_dir),
+        "encoder": encoder,
+        "vector_search": VectorSearch(),
+        "alerts": AlertSink(),
+    }
+
+
+def build_definitions(**resource_overrides: Any) -> dg.Definitions:
+    """All stages merged, bound to the resources of ``build_resources(**resource_overrides)``."""
+    return dg.Definitions.merge(
+        *(stage.defs for stage in STAGES),
+        dg.Definitions(resources=build_resources(**resource_overrides)),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,72 @@
+"""Image embeddings: one L2-normalised vector per accepted sample, from the configured encoder."""
+
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from curation_assets.core import delta
+from curation_assets.core.shards import iter_image_batches
+from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from resources.encoders import EncoderResource
+from resources.settings import CurationSettings
+from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=shard_backfill_policy,
+    deps=["samples"],
+    group_name="ingest",
+    kinds={"deltalake", "pytorch"},
+    pool="gpu",
+)
+def image_embeddings(
+    context: dg.AssetExecutionContext,
+    storage: DeltaStorage,
+    settings: CurationSettings,
+    shard_source: ShardSource,
+    encoder: EncoderResource,
+) -> dg.MaterializeResult:
+    """A vector per ``ok`` sample (uid, shard, embedding as List(Float32), encoder name and version).
+
+    The model loads once per step and encodes every shard of the step; the step runs in the ``gpu`` pool so
+    GPU steps never oversubscribe a device. The ``encoder`` column says which encoder made each vector
+    (``perceptual-*`` is the weight-free default, not CLIP)."""
+    batch = int(settings.section("embeddings").get("batch_size", 256))
+    model = encoder.load()
+    started = time.perf_counter()
+    total = 0
+    for shard in partition_keys(context):
+        ok = (storage.scan("samples", [shard]).filter(pl.col("status") == "ok")
+              .select("uid", "image_member").collect())
+        member_uid = dict(zip(ok["image_member"].to_list(), ok["uid"].to_list()))
+        uids: list[str] = []
+        blocks: list[np.ndarray] = []
+        for chunk in iter_image_batches(shard_source.get(shard).tar, member_uid, batch * 4):
+            blocks.append(model.encode_bytes([data for _, data in chunk]))
+            uids.extend(member_uid[name] for name, _ in chunk)
+        missing = set(member_uid.values()) - set(uids)
+        if missing:
+            raise RuntimeError(f"shard {shard}: {len(missing)} ok samples vanished from the tar since ingest "
+                               f"(e.g. {sorted(missing)[:3]}); re-materialise samples for this shard")
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, model.dim), np.float32)
+        storage.write_shard("image_embeddings", delta.embeddings_frame(uids, [shard] * len(uids), vectors, model.name), shard)
+        total += len(uids)
+        context.log.info(f"shard {shard}: {len(uids)} embeddings ({model.name})")
+    seconds = time.perf_counter() - started
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": total,
+            "encoder": model.name,
+            "dim": model.dim,
+            "images_per_second": dg.FloatMetadataValue(total / seconds if seconds else 0.0),
+            "table": dg.MetadataValue.path(str(storage.table_path("image_embeddings"))),
+        }
+    )
+
+
+defs = dg.Definitions(assets=[image_embeddings])

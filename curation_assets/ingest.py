@@ -1,0 +1,60 @@
+"""Ingest: every member group of a tar shard becomes one row of ``samples``, accepted or rejected with a reason."""
+
+
+import dagster as dg
+import polars as pl
+
+from curation_assets.core.shards import IngestLimits, read_shard
+from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from resources.settings import CurationSettings
+from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=shard_backfill_policy,
+    group_name="ingest",
+    kinds={"deltalake", "polars"},
+)
+def samples(
+    context: dg.AssetExecutionContext,
+    storage: DeltaStorage,
+    settings: CurationSettings,
+    shard_source: ShardSource,
+) -> dg.MaterializeResult:
+    """One row per sample of the shard: uid, caption, size, sha256 and ``status`` (``ok``, or ``rejected``
+    with a readable ``error``: corrupt or truncated bytes, unsupported formats, decompression bombs, duplicate
+    keys, unsafe member paths, a tar cut off mid-stream). Images are decoded and validated, never extracted.
+    Re-materialising a shard replaces exactly that shard's rows."""
+    limits = IngestLimits.from_config(settings.section("ingest"))
+    totals = {"rows": 0, "ok": 0, "rejected": 0}
+    errors: dict[str, int] = {}
+    for shard in partition_keys(context):
+        ref = shard_source.get(shard)
+        df = read_shard(shard, ref.tar, ref.parquet, limits)
+        storage.write_shard("samples", df, shard)
+        ok = int((df["status"] == "ok").sum())
+        totals["rows"] += df.height
+        totals["ok"] += ok
+        totals["rejected"] += df.height - ok
+        for error in df.filter(pl.col("status") == "rejected")["error"].to_list():
+            kind = (error or "unknown").split(":")[0][:60]
+            errors[kind] = errors.get(kind, 0) + 1
+        context.log.info(f"shard {shard}: {df.height} samples, {ok} ok, {df.height - ok} rejected ({ref.tar})")
+    rejected_table = "\n".join(f"| {k} | {v} |" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": totals["rows"],
+            "ok": totals["ok"],
+            "rejected": totals["rejected"],
+            "reject_rate": dg.FloatMetadataValue(totals["rejected"] / max(1, totals["rows"])),
+            "rejections": dg.MetadataValue.md(
+                "| error | count |\n|---|---|\n" + rejected_table if errors else "no rejected samples"
+            ),
+            "table": dg.MetadataValue.path(str(storage.table_path("samples"))),
+        }
+    )
+
+
+defs = dg.Definitions(assets=[samples])

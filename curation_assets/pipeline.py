@@ -1,0 +1,85 @@
+"""A data root opened for work: its Dagster instance, its Definitions and its shards, in one object.
+
+``curate run``, ``make demo`` and the tests use this; ``make ui`` points ``dagster dev`` at the same
+``DAGSTER_HOME`` (``<root>/dagster_home``) and ``CURATION_*`` variables, so the UI shows these runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import dagster as dg
+
+from curation_assets import runner
+from curation_assets.partitions import SHARDS
+
+
+def dagster_home(root: str | Path) -> Path:
+    home = Path(root).expanduser().resolve() / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+@dataclass
+class Pipeline:
+    root: Path
+    shards_dir: Path
+    config_path: str | None
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    dagster_home: Path
+
+    @property
+    def resources(self) -> dict:
+        return self.defs.resources
+
+    @property
+    def storage(self):
+        return self.defs.resources["storage"]
+
+    @property
+    def settings(self):
+        return self.defs.resources["settings"]
+
+    def shards(self) -> list[str]:
+        return list(self.instance.get_dynamic_partitions(SHARDS))
+
+    def register_all_shards(self) -> list[str]:
+        keys = [ref.key for ref in self.defs.resources["shard_source"].list_shards()]
+        return runner.register_shards(self.instance, keys)
+
+    def materialize(self, assets: Sequence[str] | None = None, shards: Sequence[str] | None = None,
+                    progress: bool = False) -> list[dg.ExecuteInProcessResult]:
+        def show(layer, what):
+            if progress:
+                print(f"  materialising {', '.join(k.to_user_string() for k in layer)} ({what})", flush=True)
+
+        return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show)
+
+
+def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | None = None,
+                  encoder=None, instance: dg.DagsterInstance | None = None) -> Pipeline:
+    """Bind the definitions to a data root and open (or create) its persistent Dagster instance.
+
+    The ``CURATION_*`` variables are set for this process too, so code that builds Definitions from the
+    environment (a daemon started from here, ``dagster dev``) sees the same root."""
+    from curation_assets.definitions import build_definitions
+
+    root = Path(root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    shards_dir = Path(shards_dir).expanduser().resolve()
+    os.environ["CURATION_ROOT"] = str(root)
+    os.environ["CURATION_SHARDS"] = str(shards_dir)
+    if config_path:
+        os.environ["CURATION_CONFIG"] = str(Path(config_path).resolve())
+    home = dagster_home(root)
+    if instance is None:
+        instance = dg.DagsterInstance.from_config(str(home))
+    defs = build_definitions(root=str(root), shards_dir=str(shards_dir), config_path=config_path, encoder=encoder)
+    return Pipeline(root, shards_dir, config_path, defs, instance, home)

@@ -1,0 +1,125 @@
+"""Materialising the asset graph from Python (the CLI, the demo, tests) through a real Dagster instance.
+
+The graph mixes per-shard, per-clustering and global assets, and a Dagster run targets one partitioning at a
+time. :func:`plan_layers` cuts a selection into layers of equal partitioning in dependency order; each layer
+runs as one Dagster run (per-shard layers as a ranged run over the shards, so models load once per layer).
+Runs are recorded in the instance, so the UI shows them like any run it launched itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from curation_assets.partitions import SHARDS
+
+
+def register_shards(instance: dg.DagsterInstance, keys: Iterable[str]) -> list[str]:
+    """Add shard partitions that are not registered yet; returns the newly added keys."""
+    known = set(instance.get_dynamic_partitions(SHARDS))
+    fresh = [k for k in keys if k not in known]
+    if fresh:
+        instance.add_dynamic_partitions(SHARDS, fresh)
+    return fresh
+
+
+def _partitions_id(graph, key: dg.AssetKey):
+    pdef = graph.get(key).partitions_def
+    return None if pdef is None else (type(pdef).__name__, getattr(pdef, "name", None) or tuple(pdef.get_partition_keys()))
+
+
+def plan_layers(defs: dg.Definitions, assets: Sequence[str] | None = None) -> list[list[dg.AssetKey]]:
+    """The selection as layers: each layer shares one partitioning and only needs earlier layers or itself."""
+    graph = defs.resolve_asset_graph()
+    materializable = {k for k in graph.materializable_asset_keys}
+    selected = materializable if assets is None else {dg.AssetKey.from_coercible(a) for a in assets}
+    unknown = selected - materializable
+    if unknown:
+        raise KeyError(f"unknown assets {sorted(k.to_user_string() for k in unknown)}")
+    order = [k for k in graph.toposorted_asset_keys if k in selected]
+    done: set[dg.AssetKey] = set()
+    layers: list[list[dg.AssetKey]] = []
+    while len(done) < len(order):
+        def parents(k):
+            return {p for p in graph.get(k).parent_keys if p in selected}
+
+        first = next(k for k in order if k not in done and parents(k) <= done)
+        pid = _partitions_id(graph, first)
+        layer = [first]
+        changed = True
+        while changed:
+            changed = False
+            for k in order:
+                if k in done or k in layer or _partitions_id(graph, k) != pid:
+                    continue
+                if parents(k) <= done | set(layer):
+                    layer.append(k)
+                    changed = True
+        layer.sort(key=order.index)
+        layers.append(layer)
+        done |= set(layer)
+    return layers
+
+
+def materialize(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    assets: Sequence[str] | None = None,
+    shards: Sequence[str] | None = None,
+    tags: dict[str, str] | None = None,
+    on_layer: Callable[[list[dg.AssetKey], str], None] | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """Materialise ``assets`` (default: the whole graph) for ``shards`` (default: every registered shard),
+    layer by layer; raises on the first failed run."""
+    graph = defs.resolve_asset_graph()
+    registered = list(instance.get_dynamic_partitions(SHARDS))
+    shards = registered if shards is None else list(shards)
+    missing = set(shards) - set(registered)
+    if missing:
+        raise KeyError(f"shards not registered as partitions: {sorted(missing)}; call register_shards first")
+    results = []
+    for layer in plan_layers(defs, assets):
+        job = defs.resolve_implicit_job_def_def_for_assets(layer)
+        pdef = graph.get(layer[0]).partitions_def
+        names = ", ".join(k.to_user_string() for k in layer)
+        for run_tags, what in _partition_runs(pdef, shards, registered, instance):
+            if on_layer:
+                on_layer(layer, what)
+            result = job.execute_in_process(
+                instance=instance, asset_selection=layer, tags={**(tags or {}), **run_tags}, raise_on_error=True
+            )
+            results.append(result)
+            if not result.success:
+                raise RuntimeError(f"run {result.run_id} for [{names}] ({what}) failed")
+    return results
+
+
+def _partition_runs(pdef, shards: list[str], registered: list[str], instance: dg.DagsterInstance):
+    if pdef is None:
+        yield {}, "global"
+        return
+    if isinstance(pdef, dg.DynamicPartitionsDefinition) and pdef.name != SHARDS:
+        for key in instance.get_dynamic_partitions(pdef.name):
+            yield _range(key, key), f"{pdef.name} {key}"
+        return
+    if isinstance(pdef, dg.DynamicPartitionsDefinition):
+        if not shards:
+            return
+        positions = sorted(registered.index(s) for s in shards)
+        if positions == list(range(positions[0], positions[-1] + 1)):
+            start, end = registered[positions[0]], registered[positions[-1]]
+            yield _range(start, end), f"shards {start}..{end}" if start != end else f"shard {start}"
+        else:
+            for shard in shards:
+                yield _range(shard, shard), f"shard {shard}"
+        return
+    keys = pdef.get_partition_keys()
+    if not keys:
+        return
+    yield _range(keys[0], keys[-1]), f"partitions {keys[0]}..{keys[-1]}"
+
+
+def _range(start: str, end: str) -> dict[str, str]:
+    return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}

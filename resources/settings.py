@@ -1,0 +1,58 @@
+"""The pipeline's configuration: per-stage defaults shipped with the package, overridden by a user file."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any, Optional
+
+import dagster as dg
+import yaml
+
+STAGES = ("ingest", "embeddings", "safety", "bias", "dedup", "audits")
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def default_section(stage: str) -> dict[str, Any]:
+    """The shipped defaults of one stage (``curation_assets/configs/<stage>.yaml``)."""
+    ref = importlib_resources.files("curation_assets") / "configs" / f"{stage}.yaml"
+    if not ref.is_file():
+        return {}
+    return yaml.safe_load(ref.read_text()) or {}
+
+
+def load_user_config(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of stage name to settings")
+    unknown = sorted(set(data) - set(STAGES))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown sections {unknown}; known: {list(STAGES)}")
+    return data
+
+
+class CurationSettings(dg.ConfigurableResource):
+    """Stage settings: the packaged YAML defaults merged with the optional user file at ``config_path``
+    (a YAML mapping with one section per stage: ingest, embeddings, safety, bias, dedup, audits)."""
+
+    config_path: Optional[str] = None
+
+    def section(self, stage: str) -> dict[str, Any]:
+        if stage not in STAGES:
+            raise KeyError(f"unknown stage {stage!r}; known: {list(STAGES)}")
+        return _deep_merge(default_section(stage), load_user_config(self.config_path).get(stage, {}))

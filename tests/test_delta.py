@@ -1,0 +1,46 @@
+"""The Delta helpers: exact round trips of vectors, shard replacement, clear errors."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from curation_assets.core import delta
+
+
+def test_embeddings_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 48)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    uids = [f"00000/{i:09d}" for i in range(300)]
+    path = tmp_path / "image_embeddings"
+    delta.write_shard(path, delta.embeddings_frame(uids[:200], ["00000"] * 200, x[:200], "enc-v1"), "00000")
+    delta.write_shard(path, delta.embeddings_frame([u.replace("00000/", "00001/") for u in uids[200:]], ["00001"] * 100,
+                                                   x[200:], "enc-v1"), "00001")
+    ids, matrix = delta.load_embeddings(path)
+    assert matrix.shape == (300, 48) and matrix.dtype == np.float32 and matrix.flags["C_CONTIGUOUS"]
+    order = np.argsort(np.array([u.replace("00001/", "00000/") for u in uids]))
+    by_uid = dict(zip(ids["uid"], matrix))
+    assert np.array_equal(by_uid["00000/000000005"], x[5])
+    assert np.array_equal(by_uid["00001/000000250"], x[250])
+    only, m1 = delta.load_embeddings(path, ["00001"])
+    assert m1.shape == (100, 48) and set(only["shard"]) == {"00001"}
+    assert order is not None
+
+
+def test_write_shard_replaces_only_that_shard(tmp_path):
+    path = tmp_path / "t"
+    delta.write_shard(path, pl.DataFrame({"shard": ["a"] * 3, "v": [1, 2, 3]}), "a")
+    delta.write_shard(path, pl.DataFrame({"shard": ["b"] * 2, "v": [4, 5]}), "b")
+    delta.write_shard(path, pl.DataFrame({"shard": ["a"], "v": [9]}), "a")
+    df = delta.read(path).sort("shard", "v")
+    assert df.rows() == [("a", 9), ("b", 4), ("b", 5)]
+    assert delta.shards_in(path) == ["a", "b"]
+
+
+def test_write_shard_refuses_foreign_rows_and_bad_keys(tmp_path):
+    with pytest.raises(ValueError, match="do not belong"):
+        delta.write_shard(tmp_path / "t", pl.DataFrame({"shard": ["a", "b"], "v": [1, 2]}), "a")
+    with pytest.raises(ValueError, match="invalid shard key"):
+        delta.write_shard(tmp_path / "t", pl.DataFrame({"shard": ["x'y"], "v": [1]}), "x'y")
+    with pytest.raises(FileNotFoundError, match="materialise"):
+        delta.scan(tmp_path / "nothing")
