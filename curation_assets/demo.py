@@ -65,14 +65,15 @@ def run_demo(root: Path, shards: int, per_shard: int, seed: int, size: int, roun
 
     pipeline.materialize(["samples", "image_embeddings"], progress=True)
     lines: list[str] = []
+    done = {"samples", "image_embeddings"}
     active_learning = getattr(safety, "demo_active_learning", None)
     if active_learning:
+        done |= {"safety_classifiers", "labeling_queue", "safety_thresholds"}
         print(f"active learning: {rounds} rounds with the simulated annotator")
         lines += active_learning(lambda names: pipeline.materialize(names, progress=True), pipeline.storage,
                                  pipeline.settings, corpus, rounds=rounds)
     graph = pipeline.defs.resolve_asset_graph()
-    rest = [k.to_user_string() for k in graph.materializable_asset_keys
-            if k.to_user_string() not in ("samples", "image_embeddings")]
+    rest = [k.to_user_string() for k in graph.materializable_asset_keys if k.to_user_string() not in done]
     pipeline.materialize(rest, progress=True)
 
     print("\n=== curation demo summary ===")

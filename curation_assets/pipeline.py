@@ -55,12 +55,12 @@ class Pipeline:
         return runner.register_shards(self.instance, keys)
 
     def materialize(self, assets: Sequence[str] | None = None, shards: Sequence[str] | None = None,
-                    progress: bool = False) -> list[dg.ExecuteInProcessResult]:
+                    progress: bool = False, log_level: str = "WARNING") -> list[dg.ExecuteInProcessResult]:
         def show(layer, what):
             if progress:
                 print(f"  materialising {', '.join(k.to_user_string() for k in layer)} ({what})", flush=True)
 
-        return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show)
+        return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show, log_level=log_level)
 
 
 def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | None = None,

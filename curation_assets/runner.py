@@ -70,9 +70,11 @@ def materialize(
     shards: Sequence[str] | None = None,
     tags: dict[str, str] | None = None,
     on_layer: Callable[[list[dg.AssetKey], str], None] | None = None,
+    log_level: str = "INFO",
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialise ``assets`` (default: the whole graph) for ``shards`` (default: every registered shard),
-    layer by layer; raises on the first failed run."""
+    layer by layer; raises on the first failed run. ``log_level`` is the console log level of each run
+    (every event is stored in the instance regardless)."""
     graph = defs.resolve_asset_graph()
     registered = list(instance.get_dynamic_partitions(SHARDS))
     shards = registered if shards is None else list(shards)
@@ -88,7 +90,8 @@ def materialize(
             if on_layer:
                 on_layer(layer, what)
             result = job.execute_in_process(
-                instance=instance, asset_selection=layer, tags={**(tags or {}), **run_tags}, raise_on_error=True
+                instance=instance, asset_selection=layer, tags={**(tags or {}), **run_tags}, raise_on_error=True,
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
             )
             results.append(result)
             if not result.success:
