@@ -1,8 +1,8 @@
-# Every target creates .venv itself when it is missing. On a CUDA machine: make CONSTRAINTS= EXTRAS=dev,bench,gpu
+# Every target creates .venv itself when it is missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONSTRAINTS ?= constraints-cpu.txt
+CONSTRAINTS ?= constraints.txt
 EXTRAS ?= dev,bench
 ROOT ?= data/demo
 ABSROOT := $(abspath $(ROOT))
