@@ -3,7 +3,6 @@ random weights mean nothing, which is why the pipeline itself uses this source o
 
 import numpy as np
 import polars as pl
-import pytest
 
 from curation_assets import bias
 from curation_assets.core import delta
@@ -13,15 +12,6 @@ from resources.settings import default_section
 from resources.storage import DeltaStorage
 
 
-def _open_clip_importable() -> str | None:
-    try:
-        import open_clip  # noqa: F401
-    except Exception as exc:  # e.g. a torchvision build that does not match torch
-        return f"open_clip does not import here: {exc}"
-    return None
-
-
-@pytest.mark.skipif(_open_clip_importable() is not None, reason=str(_open_clip_importable()))
 def test_clip_attributes_from_the_encoders_text_tower(tmp_path):
     config = write_tiny_model_config(tmp_path / "tiny-bias-clip.json")
     encoder = EncoderResource(kind="open_clip", model_config_path=str(config), allow_random_weights=True)
