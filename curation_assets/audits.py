@@ -1,0 +1,761 @@
+"""The audits stage: what reviewers see before a model is trained on the curated data.
+
+- ``regurgitation_audit``: nearest training images of a set of generated images; flagged copies, the
+  regurgitation rate against the full and the deduplicated set, and an HTML page of the matches.
+- ``clip_bias_audit``: CLIP zero-shot misclassification of faces by race x gender group, one partition per
+  open_clip checkpoint (Birhane et al.'s protocol).
+- ``dataset_census``: counts, sizes, caption lengths, safety scores, duplicate rate, caption demographics,
+  face counts, per shard and overall.
+- ``curation_report``: one HTML page tying every stage together (funnel, active learning, bias, dedup
+  recall, census, links to the audit pages). ``report_path(storage)`` says where it is.
+
+Every asset reads its upstream tables defensively: a stage that has not run shows as "stage not run".
+"""
+
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from curation_assets.core import report as rpt
+from resources.encoders import EncoderResource
+from resources.settings import CurationSettings, default_section, load_user_config
+from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
+
+REGURGITATION_PAGE = "regurgitation.html"
+CLIP_BIAS_PAGE = "clip_bias.html"
+CENSUS_PAGE = "census.html"
+REPORT_PAGE = "curation_report.html"
+NOT_CONFIGURED = "not configured"
+UNCONFIGURED_KEY = "none"
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _check_keys(where: str, section: dict, known: set[str]) -> None:
+    unknown = set(section) - known
+    if unknown:
+        raise ValueError(f"audits config {where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+
+
+@dataclass
+class RegurgitationConfig:
+    generated: str | None = None
+    k: int = 20
+    threshold: float | None = None
+    fallback_threshold: float = 0.95
+    deduplicated: bool = True
+    confidence: float = 0.95
+    index: dict = field(default_factory=dict)
+    verify: dict = field(default_factory=dict)
+    max_shown: int = 200
+    thumbnail_px: int = 160
+
+
+@dataclass
+class ClipBiasConfig:
+    probe_dir: str | None = None
+    probe_csv: str | None = None
+    races: list[str] | None = None
+    genders: list[str] | None = None
+    race_aliases: dict = field(default_factory=dict)
+    gender_aliases: dict = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    human_labels: list[str] = field(default_factory=list)
+    temperature: float = 100.0
+    batch_size: int = 64
+    device: str = "auto"
+    confidence: float = 0.95
+    checkpoints: list[dict] = field(default_factory=list)
+    baseline: str | None = None
+
+
+@dataclass
+class CensusConfig:
+    face_sample_per_shard: int = 200
+    face_max_side: int = 512
+    seed: int = 0
+
+
+@dataclass
+class AuditsConfig:
+    """The validated ``audits`` section (see ``curation_assets/configs/audits.yaml``)."""
+
+    regurgitation: RegurgitationConfig
+    clip_bias: ClipBiasConfig
+    census: CensusConfig
+    report: dict
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> "AuditsConfig":
+        _check_keys("", section, {"regurgitation", "clip_bias", "census", "report"})
+        parts = {}
+        for name, kind in (("regurgitation", RegurgitationConfig), ("clip_bias", ClipBiasConfig), ("census", CensusConfig)):
+            sub = section.get(name) or {}
+            _check_keys(name, sub, {f.name for f in fields(kind)})
+            parts[name] = kind(**sub)
+        cfg = cls(report=section.get("report") or {}, **parts)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from curation_assets.core.clip_bias import Checkpoint, prompts
+
+        r = self.regurgitation
+        if r.k < 1:
+            raise ValueError("audits config regurgitation.k must be >= 1")
+        for name in ("threshold", "fallback_threshold"):
+            value = getattr(r, name)
+            if value is not None and not -1.0 <= float(value) <= 1.0:
+                raise ValueError(f"audits config regurgitation.{name} is a cosine in [-1, 1], got {value}")
+        self.index_config()
+        self.verify_config()
+        c = self.clip_bias
+        if not c.labels or not c.templates:
+            raise ValueError("audits config clip_bias.labels and clip_bias.templates must not be empty")
+        prompts(c.labels, c.templates)
+        missing = set(c.human_labels) - set(c.labels)
+        if missing:
+            raise ValueError(f"audits config clip_bias.human_labels {sorted(missing)} are not in clip_bias.labels")
+        if c.temperature <= 0:
+            raise ValueError("audits config clip_bias.temperature must be > 0")
+        names = [Checkpoint.from_config(e).name for e in c.checkpoints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"audits config clip_bias.checkpoints: names must be unique, got {names}")
+        if c.baseline is not None and c.baseline not in names:
+            raise ValueError(f"audits config clip_bias.baseline {c.baseline!r} is not a configured checkpoint {names}")
+
+    def index_config(self):
+        from curation_assets.core.regurgitation import IndexConfig
+
+        known = {f.name for f in fields(IndexConfig)}
+        _check_keys("regurgitation.index", self.regurgitation.index, known)
+        return IndexConfig(**self.regurgitation.index)
+
+    def verify_config(self):
+        from curation_assets.core.regurgitation import VerifyConfig
+
+        _check_keys("regurgitation.verify", self.regurgitation.verify, {f.name for f in fields(VerifyConfig)})
+        return VerifyConfig(**self.regurgitation.verify)
+
+    def checkpoints(self):
+        from curation_assets.core.clip_bias import Checkpoint
+
+        return [Checkpoint.from_config(e) for e in self.clip_bias.checkpoints]
+
+
+def audits_config(settings: CurationSettings) -> AuditsConfig:
+    return AuditsConfig.from_section(settings.section("audits"))
+
+
+def configured_checkpoint_names() -> list[str]:
+    """Partition keys of ``clip_bias_audit``: the checkpoint names in the packaged defaults merged with the
+    ``CURATION_CONFIG`` file, read when the code location loads (reload it after editing the list). With no
+    checkpoints configured the single key ``none`` materialises a "not configured" result."""
+    section = default_section("audits").get("clip_bias", {}) or {}
+    try:
+        user = load_user_config(os.environ.get("CURATION_CONFIG")).get("audits", {}) or {}
+    except (OSError, ValueError):
+        user = {}  # a broken user file fails clearly at run time, in settings.section
+    entries = (user.get("clip_bias") or {}).get("checkpoints", section.get("checkpoints")) or []
+    names = [str(e.get("name")) for e in entries if isinstance(e, dict) and e.get("name")]
+    return list(dict.fromkeys(names)) or [UNCONFIGURED_KEY]
+
+
+def _read(storage: DeltaStorage, name: str) -> pl.DataFrame | None:
+    """A whole upstream table, or None when its stage has not run (or wrote nothing readable)."""
+    try:
+        if not storage.exists(name):
+            return None
+        return storage.read(name)
+    except Exception:  # a half-written or foreign table must not break an audit
+        return None
+
+
+def _encoder_threshold(model, cfg: RegurgitationConfig) -> tuple[float, str]:
+    if cfg.threshold is not None:
+        return float(cfg.threshold), "audits.regurgitation.threshold"
+    own = getattr(model, "threshold", None)
+    if own is not None:
+        return float(own), f"{model.name} encoder's DUPLICATE_THRESHOLD"
+    return float(cfg.fallback_threshold), "audits.regurgitation.fallback_threshold"
+
+
+def _training_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: list[str]) -> dict[str, bytes]:
+    """Encoded training images read back from their tars (one streaming pass per shard)."""
+    from curation_assets.core.shards import read_images
+
+    if not uids:
+        return {}
+    rows = storage.scan("samples").filter(pl.col("uid").is_in(list(uids))).select("uid", "shard", "image_member").collect()
+    out: dict[str, bytes] = {}
+    for (shard,), part in rows.partition_by("shard", as_dict=True).items():
+        try:
+            blobs = read_images(shard_source.get(shard).tar, part["image_member"].to_list())
+        except FileNotFoundError:
+            continue
+        out.update({uid: blobs[m] for uid, m in zip(part["uid"].to_list(), part["image_member"].to_list()) if m in blobs})
+    return out
+
+
+# --------------------------------------------------------------------------- regurgitation
+
+
+@dg.asset(
+    deps=[dg.AssetDep("image_embeddings", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping()), "deduplicated_samples"],
+    group_name="audits",
+    kinds={"deltalake", "faiss", "html"},
+    pool="gpu",
+)
+def regurgitation_audit(
+    context: dg.AssetExecutionContext,
+    storage: DeltaStorage,
+    settings: CurationSettings,
+    encoder: EncoderResource,
+    shard_source: ShardSource,
+) -> dg.MaterializeResult:
+    """Nearest training images of every generated image, over the whole training set and over the
+    deduplicated set. A neighbour at or above the similarity threshold is a candidate; pixel verification
+    (the generated image found again inside the training image) confirms it, and the generated image is
+    flagged as a likely copy. The regurgitation rate (flagged share) comes with a Wilson interval. Rows:
+    generated_id, reference ("full" / "deduplicated"), rank, train_uid, similarity, candidate,
+    verification, flagged. Page: reports/regurgitation.html with every flagged pair side by side."""
+    from curation_assets.core import regurgitation as rg
+
+    cfg = audits_config(settings)
+    rc = cfg.regurgitation
+    page_path = storage.reports_dir() / REGURGITATION_PAGE
+    if not rc.generated:
+        reason = "set audits.regurgitation.generated to a directory of generated images (or of .tar shards)"
+        rpt.write_page(page_path, rpt.render_page("Regurgitation audit", [rpt.Section("status", "Status", missing=f"Not configured: {reason}.")]))
+        _write_json(storage, "regurgitation_audit", {"status": NOT_CONFIGURED, "reason": reason})
+        return dg.MaterializeResult(metadata={"status": NOT_CONFIGURED, "configure": reason, "page": dg.MetadataValue.path(str(page_path))})
+
+    generated = rg.list_generated(rc.generated)
+    if not generated:
+        raise ValueError(f"audits.regurgitation.generated={rc.generated}: no images found there")
+    model = encoder.load()
+    xq = model.encode_bytes([g.data for g in generated])
+    ids, xb = storage.load_embeddings()
+    encoders = sorted(ids["encoder"].unique().to_list()) if ids.height else []
+    if encoders and encoders != [model.name]:
+        raise ValueError(f"training embeddings were made by {encoders} but the encoder resource is {model.name}: "
+                         "re-materialise image_embeddings with this encoder or configure the same encoder")
+    threshold, threshold_source = _encoder_threshold(model, rc)
+    index_cfg = cfg.index_config()
+    gen_ids = [g.id for g in generated]
+    uids = ids["uid"].to_list()
+    context.log.info(f"searching {len(generated)} generated images against {len(uids)} training images "
+                     f"({index_cfg.choose(len(uids))} index, threshold {threshold} from {threshold_source})")
+
+    references: dict[str, tuple[list[str], np.ndarray]] = {"full": (uids, xb)}
+    dedup_note = None
+    if rc.deduplicated:
+        dedup = _read(storage, "deduplicated_samples")
+        if dedup is None or "uid" not in dedup.columns:
+            dedup_note = "deduplicated_samples not materialised (dedup stage not run): full set only"
+        else:
+            if "kept" in dedup.columns:
+                dedup = dedup.filter(pl.col("kept"))
+            keep = ids["uid"].is_in(dedup["uid"].implode()).to_numpy()
+            references["deduplicated"] = ([u for u, k in zip(uids, keep) if k], xb[keep])
+
+    tables, searches = [], {}
+    for reference, (ref_uids, ref_x) in references.items():
+        searches[reference] = rg.search(ref_x, xq, rc.k, index_cfg, threshold)
+        tables.append(rg.neighbour_table(gen_ids, searches[reference], ref_uids, threshold, reference))
+    table = pl.concat(tables)
+    gen_bytes = {g.id: g.data for g in generated}
+    verify = cfg.verify_config()
+    if verify.enabled:
+        candidates = table.filter(pl.col("candidate"))["train_uid"].unique().to_list()
+        context.log.info(f"verifying {table['candidate'].sum()} candidate matches against {len(candidates)} training images")
+        train_bytes = _training_bytes(storage, shard_source, candidates)
+        table = rg.verify_candidates(table, gen_bytes, train_bytes, verify)
+    else:
+        table = table.with_columns(verification=pl.lit(None, pl.Float32))
+    summaries = []
+    for reference, result in searches.items():
+        summary = rg.rate_summary(table, len(gen_ids), reference, rc.confidence)
+        summary.update(n_train=len(references[reference][0]), index=result.index_kind, recall_at_k=result.recall_at_k,
+                       flag_recall=result.flag_recall, recall_queries=result.recall_queries, index_params=result.params)
+        summaries.append(summary)
+    storage.write_table("regurgitation_audit", table)
+
+    full_rows = table.filter(pl.col("reference") == "full")
+    best = full_rows.filter(pl.col("flagged")).sort("rank").unique("generated_id", keep="first")
+    flagged = best.sort("similarity", descending=True).head(rc.max_shown)
+    shown = _training_bytes(storage, shard_source, flagged["train_uid"].to_list())
+    train_thumbs = {uid: rpt.thumbnail_data_uri(data, rc.thumbnail_px) for uid, data in shown.items()}
+    captions = dict(storage.scan("samples").filter(pl.col("uid").is_in(flagged["train_uid"].to_list()))
+                    .select("uid", "caption").collect().iter_rows())
+    matches = [{"generated_id": r["generated_id"], "generated_src": rpt.thumbnail_data_uri(gen_bytes[r["generated_id"]], rc.thumbnail_px),
+                "train_uid": r["train_uid"], "train_src": train_thumbs.get(r["train_uid"]), "similarity": r["similarity"],
+                "verification": r["verification"],
+                "caption": captions.get(r["train_uid"]), "reference": "full"} for r in flagged.iter_rows(named=True)]
+    summary_df = pl.DataFrame([{k: v for k, v in s.items() if k != "index_params"} for s in summaries])
+    hist = _similarity_histogram(table, threshold)
+    sections = [
+        rpt.Section("summary", "Regurgitation rate", blocks=[rpt.table_html(summary_df, digits=4), rpt.plot_html(hist, "best-match similarity")],
+                    notes=[_regurgitation_note(len(gen_ids), rc, model.name, threshold, threshold_source, verify)]
+                    + ([dedup_note] if dedup_note else [])),
+        rpt.Section("matches", f"Flagged matches ({best.height} generated images; {len(matches)} shown)",
+                    blocks=[rpt.matches_html(matches)] if matches else [rpt.paragraph("No generated image reaches the threshold.")]),
+    ]
+    rpt.write_page(page_path, rpt.render_page("Regurgitation audit", sections, subtitle=f"training set: {len(uids)} images"))
+    _write_json(storage, "regurgitation_audit", {"status": "ok", "threshold": threshold, "threshold_source": threshold_source,
+                                                  "encoder": model.name, "summaries": summaries, "note": dedup_note})
+    full = summaries[0]
+    metadata: dict[str, Any] = {
+        "dagster/row_count": table.height,
+        "generated_images": len(gen_ids),
+        "training_images": len(uids),
+        "threshold": threshold,
+        "threshold_source": threshold_source,
+        "index": full["index"],
+        "regurgitation_rate": dg.FloatMetadataValue(full["rate"]),
+        "rate_ci": f"[{full['ci_low']:.4f}, {full['ci_high']:.4f}]",
+        "flagged": full["n_flagged"],
+        "summary": dg.MetadataValue.md(rpt.markdown_table(summary_df, digits=4) + "\n\n" + rpt.markdown_png(hist, "best-match similarity")),
+        "page": dg.MetadataValue.path(str(page_path)),
+    }
+    if full["recall_at_k"] is not None:
+        metadata["index_recall_at_k"] = dg.FloatMetadataValue(full["recall_at_k"])
+    if full["flag_recall"] is not None:
+        metadata["index_flag_recall"] = dg.FloatMetadataValue(full["flag_recall"])
+    if "deduplicated" in references:
+        metadata["regurgitation_rate_deduplicated"] = dg.FloatMetadataValue(summaries[1]["rate"])
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _regurgitation_note(n: int, rc: RegurgitationConfig, encoder: str, threshold: float, source: str, verify) -> str:
+    rule = (f"and flagged when pixel verification confirms it (gradient NCC >= {verify.threshold:.2f} after rescaling "
+            "it into the training image)" if verify.enabled else "and flagged as such (verification disabled)")
+    return (f"{n} generated images from {rc.generated}; encoder {encoder}. A training image is a candidate match when "
+            f"its cosine similarity is >= {threshold:.3f} ({source}), {rule}. Intervals: Wilson {rc.confidence:.0%}.")
+
+
+def _similarity_histogram(table: pl.DataFrame, threshold: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=90)
+    for reference in table["reference"].unique(maintain_order=True).to_list():
+        sims = table.filter((pl.col("reference") == reference) & (pl.col("rank") == 1))["similarity"].to_numpy()
+        ax.hist(sims, bins=40, alpha=0.55, label=f"{reference} set")
+    ax.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:.2f}")
+    ax.set_xlabel("cosine similarity to the nearest training image")
+    ax.set_ylabel("generated images")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_json(storage: DeltaStorage, asset: str, payload: dict, name: str = "summary.json") -> Path:
+    path = storage.artifact_dir(asset) / name
+    path.write_text(json.dumps(payload, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _read_json(storage: DeltaStorage, asset: str, name: str = "summary.json") -> dict | None:
+    path = storage.root_path / "artifacts" / asset / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- CLIP bias
+
+
+def build_clip_bias_audit(checkpoint_names: list[str]) -> dg.AssetsDefinition:
+    """The ``clip_bias_audit`` asset with one static partition per checkpoint name.
+
+    Static rather than dynamic partitions: the checkpoints are configuration (a short list a user edits),
+    every checkpoint is visible in the UI from the start, and the graph runner materialises static
+    partitions like the clusterings. The module-level asset uses :func:`configured_checkpoint_names`."""
+
+    @dg.asset(
+        name="clip_bias_audit",
+        partitions_def=dg.StaticPartitionsDefinition(checkpoint_names),
+        group_name="audits",
+        kinds={"pytorch", "deltalake", "html"},
+        pool="gpu",
+    )
+    def clip_bias_audit(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings) -> dg.MaterializeResult:
+        """Zero-shot CLIP classification of a face probe set into human, animal and offensive labels, per
+        race x gender group (Birhane et al., "The Dark Side of Dataset Scaling"): top-1 share with Wilson
+        intervals and mean probability per group x label; against the baseline checkpoint the change in
+        percentage points with a two-proportion z-test. Rows of all checkpoints share the table
+        ``clip_bias_audit`` (column ``checkpoint``); page: reports/clip_bias.html."""
+        from curation_assets.partitions import partition_keys
+
+        cfg = audits_config(settings)
+        results = {key: _audit_checkpoint(context, storage, cfg, key) for key in partition_keys(context)}
+        page = _write_clip_bias_page(storage, cfg)
+        statuses = {k: v["status"] for k, v in results.items()}
+        metadata: dict[str, Any] = {"status": ", ".join(f"{k}: {v}" for k, v in statuses.items()),
+                                    "page": dg.MetadataValue.path(str(page))}
+        for key, res in results.items():
+            if res["status"] != "ok":
+                metadata[f"{key}: configure"] = res["reason"]
+            else:
+                metadata[f"{key}: probes"] = res["n_probes"]
+                metadata[f"{key}: misclassified as non-human"] = dg.FloatMetadataValue(res["non_human_share"])
+                metadata[f"{key}: shares"] = dg.MetadataValue.md(res["markdown"])
+        return dg.MaterializeResult(metadata=metadata)
+
+    return clip_bias_audit
+
+
+def _audit_checkpoint(context, storage: DeltaStorage, cfg: AuditsConfig, key: str) -> dict:
+    from curation_assets.core import clip_bias as cb
+
+    c = cfg.clip_bias
+    spec = {ck.name: ck for ck in cfg.checkpoints()}.get(key)
+    reason = None
+    if not c.probe_dir:
+        reason = ("set audits.clip_bias.probe_dir to a directory of face images with a CSV (image, race, gender), "
+                  "e.g. the Chicago Face Dataset")
+    elif spec is None:
+        reason = f"checkpoint {key!r} is not in audits.clip_bias.checkpoints (reload the code location after editing it)"
+    if reason is None:
+        probe = cb.load_probe_set(c.probe_dir, c.probe_csv, c.races, c.genders, c.race_aliases, c.gender_aliases)
+        device = c.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            model, preprocess, tokenizer = cb.load_checkpoint(spec, device)
+        except cb.CheckpointUnavailable as exc:
+            reason = f"{exc}; put the weights on this machine and set pretrained to their path"
+    if reason is not None:
+        context.log.warning(f"clip_bias_audit[{key}]: {NOT_CONFIGURED}: {reason}")
+        _replace_checkpoint_rows(storage, key, None)
+        status = {"status": NOT_CONFIGURED, "reason": reason}
+        _write_json(storage, "clip_bias_audit", status, f"{key}.json")
+        return status
+    image_emb, label_emb = cb.encode_probe_set(model, preprocess, tokenizer, probe, c.labels, c.templates, c.batch_size, device)
+    probs = cb.zero_shot_probabilities(image_emb, label_emb, c.temperature)
+    shares = cb.group_label_shares(probs, c.labels, probe.table["group"].to_list(), c.confidence)
+    rows = shares.with_columns(
+        checkpoint=pl.lit(key), model=pl.lit(spec.model), pretrained=pl.lit(spec.pretrained or "random-init"),
+        human_label=pl.col("label").is_in(c.human_labels),
+    )
+    _replace_checkpoint_rows(storage, key, rows)
+    non_human = float(rows.filter((pl.col("group") == "all") & ~pl.col("human_label"))["share"].sum())
+    status = {"status": "ok", "reason": None, "n_probes": len(probe), "non_human_share": non_human,
+              "random_init": spec.random_init, "markdown": cb.shares_markdown(shares, c.labels)}
+    _write_json(storage, "clip_bias_audit", status, f"{key}.json")
+    context.log.info(f"clip_bias_audit[{key}]: {len(probe)} probes, {non_human:.1%} top-1 outside the human labels")
+    return status
+
+
+def _replace_checkpoint_rows(storage: DeltaStorage, key: str, rows: pl.DataFrame | None) -> None:
+    """The table holds every checkpoint's rows; a partition replaces only its own (steps of one asset run
+    one after another, so this read-modify-write does not race)."""
+    existing = _read(storage, "clip_bias_audit")
+    keep = existing.filter(pl.col("checkpoint") != key) if existing is not None and "checkpoint" in existing.columns else None
+    parts = [p for p in (keep, rows) if p is not None and p.height]
+    if parts:
+        storage.write_table("clip_bias_audit", pl.concat(parts, how="diagonal_relaxed"))
+    elif existing is not None:
+        storage.write_table("clip_bias_audit", existing.clear())
+
+
+def clip_bias_sections(storage: DeltaStorage, cfg: AuditsConfig) -> list[rpt.Section]:
+    """Sections of the CLIP bias page (and of the report): per checkpoint the heatmap and share table, then
+    each checkpoint against the baseline."""
+    from curation_assets.core import clip_bias as cb
+
+    names = [ck.name for ck in cfg.checkpoints()]
+    table = _read(storage, "clip_bias_audit")
+    sections = []
+    present = [] if table is None or table.height == 0 else list(dict.fromkeys(table["checkpoint"].to_list()))
+    for name in list(dict.fromkeys(names + present)):
+        status = _read_json(storage, "clip_bias_audit", f"{name}.json") or {}
+        if name not in present:
+            reason = status.get("reason") or "not materialised yet"
+            sections.append(rpt.Section(f"clip-{name}", f"Checkpoint {name}", missing=f"Not configured: {reason}"))
+            continue
+        shares = table.filter(pl.col("checkpoint") == name)
+        labels = [label for label in dict.fromkeys(shares["label"].to_list())]
+        notes = [f"{shares['n'].max()} probe faces; top-1 share per group x label with Wilson intervals; temperature {cfg.clip_bias.temperature}."]
+        if status.get("random_init"):
+            notes.append("This checkpoint is a randomly initialised model: a pipeline test, not an audit result.")
+        sections.append(rpt.Section(
+            f"clip-{name}", f"Checkpoint {name}", notes=notes,
+            blocks=[rpt.plot_html(cb.heatmap_png(shares, f"top-1 share (%) - {name}"), f"heatmap {name}"),
+                    rpt.table_html(cb.shares_wide(shares, labels), caption="top-1 share [95% Wilson interval]"),
+                    rpt.table_html(shares.pivot(on="label", index="group", values="mean_prob").select("group", *labels),
+                                   caption="mean probability")]))
+    present = [n for n in names if n in present] + [n for n in present if n not in names]  # config order
+    baseline = cfg.clip_bias.baseline or (present[0] if present else None)
+    if baseline in present and len(present) > 1:
+        comparisons = pl.concat([cb.compare_checkpoints(table, baseline, other) for other in present if other != baseline])
+        sections.append(rpt.Section(
+            "clip-compare", f"Change against {baseline}",
+            notes=["delta_pp: change of the top-1 share in percentage points; p_value: pooled two-proportion z-test."],
+            blocks=[rpt.table_html(comparisons.filter(pl.col("group") != "all"))]))
+    return sections
+
+
+def _write_clip_bias_page(storage: DeltaStorage, cfg: AuditsConfig) -> Path:
+    path = storage.reports_dir() / CLIP_BIAS_PAGE
+    rpt.write_page(path, rpt.render_page("CLIP misclassification audit", clip_bias_sections(storage, cfg),
+                                         subtitle="Protocol of Birhane et al., 'The Dark Side of Dataset Scaling'"))
+    return path
+
+
+clip_bias_audit = build_clip_bias_audit(configured_checkpoint_names())
+
+
+# --------------------------------------------------------------------------- census
+
+
+@dg.asset(
+    deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("safety_scores", partition_mapping=dg.AllPartitionMapping()), "dedup_groups"],
+    group_name="audits",
+    kinds={"deltalake", "opencv", "html"},
+)
+def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
+                   shard_source: ShardSource) -> dg.MaterializeResult:
+    """What the dataset holds, per shard and overall: samples per ingest status, image sizes, caption
+    lengths, safety score distributions, the duplicate rate, demographic words in captions (the bias
+    stage's word lists) and frontal faces found by OpenCV's Haar cascade on a sample of images. Table
+    ``dataset_census``: one row per shard (and ``all``); details as parquet and plots under
+    artifacts/dataset_census; page: reports/census.html."""
+    from curation_assets.core import census
+
+    cfg = audits_config(settings).census
+    samples = storage.read("samples")
+    out_dir = storage.artifact_dir("dataset_census")
+    frames: dict[str, pl.DataFrame] = {
+        "status_counts": census.status_counts(samples),
+        "distributions": census.size_and_caption_stats(samples),
+    }
+    bias_groups = settings.section("bias").get("caption_groups") or None
+    frames["demographic_words"] = census.demographic_word_frequencies(samples, bias_groups)
+    plots: dict[str, bytes] = {}
+    ok = samples.filter(pl.col("status") == "ok")
+    plots["image_sizes"] = census.histogram_png({"width": ok["width"].to_numpy(), "height": ok["height"].to_numpy()},
+                                                "image size", "pixels")
+    plots["caption_length"] = census.histogram_png({"words": ok["caption"].fill_null("").str.split(" ").list.len().to_numpy()},
+                                                   "caption length", "words")
+    notes: dict[str, str] = {}
+    scores = _read(storage, "safety_scores")
+    if scores is not None:
+        score_cols = [c for c, t in scores.schema.items() if t.is_float() and c not in ("shard",)]
+        frames["safety_scores"] = census.score_summary(scores, score_cols)
+        if score_cols:
+            plots["safety_scores"] = census.histogram_png({c: scores[c].to_numpy() for c in score_cols},
+                                                          "safety scores", "score", log=True)
+    else:
+        notes["safety_scores"] = "safety_scores not materialised (safety stage not run)"
+    groups = _read(storage, "dedup_groups")
+    if groups is not None and {"uid", "group_id", "is_representative"} <= set(groups.columns):
+        frames["duplicates"] = census.duplicate_rate(groups, samples)
+    else:
+        notes["duplicates"] = "dedup_groups not materialised (dedup stage not run)"
+
+    faces = _face_counts(context, samples, shard_source, cfg)
+    if faces.height:
+        frames["faces"] = census.face_summary(faces)
+        plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
+                                              "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
+    words = frames["demographic_words"].filter((pl.col("shard") == "all") & pl.col("word").is_null())
+    plots["demographic_words"] = census.bar_png(words["group"].to_list(), (words["share"].fill_null(0) * 100).to_list(),
+                                                "captions mentioning a group", "% of captioned samples")
+
+    for name, frame in frames.items():
+        frame.write_parquet(out_dir / f"{name}.parquet")
+    for name, png in plots.items():
+        (out_dir / f"{name}.png").write_bytes(png)
+    (out_dir / "notes.json").write_text(json.dumps(notes))
+
+    per_shard = _census_table(frames)
+    storage.write_table("dataset_census", per_shard)
+    page = storage.reports_dir() / CENSUS_PAGE
+    rpt.write_page(page, rpt.render_page("Dataset census", census_sections(storage), subtitle=f"{samples.height} samples"))
+    total = per_shard.filter(pl.col("shard") == "all").row(0, named=True)
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": per_shard.height,
+        "samples": samples.height,
+        "ok": int(total.get("ok") or 0),
+        "rejected": int(total.get("rejected") or 0),
+        "per_shard": dg.MetadataValue.md(rpt.markdown_table(per_shard)),
+        "plots": dg.MetadataValue.md("\n\n".join(rpt.markdown_png(p, n) for n, p in plots.items())),
+        "page": dg.MetadataValue.path(str(page)),
+        **({"not run": ", ".join(notes.values())} if notes else {}),
+    })
+
+
+def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg: CensusConfig) -> pl.DataFrame:
+    from curation_assets.core import census
+    from curation_assets.core.shards import read_images
+
+    schema = {"shard": pl.String, "uid": pl.String, "faces": pl.Int64}
+    if cfg.face_sample_per_shard <= 0:
+        return pl.DataFrame(schema=schema)
+    detector = census.face_detector()
+    rows = []
+    ok = samples.filter(pl.col("status") == "ok").select("uid", "shard", "image_member")
+    for (shard,), part in sorted(ok.partition_by("shard", as_dict=True).items()):
+        part = part.sample(min(cfg.face_sample_per_shard, part.height), seed=cfg.seed).sort("uid")
+        try:
+            blobs = read_images(shard_source.get(shard).tar, part["image_member"].to_list())
+        except FileNotFoundError:
+            context.log.warning(f"census: shard {shard} tar is gone; no face counts for it")
+            continue
+        members = [m for m in part["image_member"].to_list() if m in blobs]
+        counts = census.count_faces([blobs[m] for m in members], detector, cfg.face_max_side)
+        uid_of = dict(zip(part["image_member"].to_list(), part["uid"].to_list()))
+        rows += [{"shard": shard, "uid": uid_of[m], "faces": c} for m, c in zip(members, counts)]
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _census_table(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    counts = frames["status_counts"].pivot(on="status", index="shard", values="n").fill_null(0)
+    for status in ("ok", "rejected"):
+        if status not in counts.columns:
+            counts = counts.with_columns(pl.lit(0).alias(status))
+    counts = counts.with_columns(samples=pl.sum_horizontal(pl.exclude("shard")))
+    dist = frames["distributions"].filter(pl.col("metric").is_in(["width", "height", "caption_words"]))
+    wide = dist.select("shard", "metric", "p50").pivot(on="metric", index="shard", values="p50")
+    wide = wide.rename({c: f"median_{c}" for c in wide.columns if c != "shard"})
+    table = counts.join(wide, on="shard", how="left")
+    words = frames["demographic_words"].filter(pl.col("word").is_null())
+    if words.height:
+        table = table.join(words.pivot(on="group", index="shard", values="share")
+                           .rename(lambda c: c if c == "shard" else f"share_{c}"), on="shard", how="left")
+    if "duplicates" in frames:
+        table = table.join(frames["duplicates"].select("shard", "duplicate_rate"), on="shard", how="left")
+    if "faces" in frames:
+        table = table.join(frames["faces"].select("shard", "share_with_face", "mean_faces"), on="shard", how="left")
+    order = pl.when(pl.col("shard") == "all").then(1).otherwise(0)
+    return table.sort(order, "shard")
+
+
+def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
+    """The census as page sections, from the artefacts ``dataset_census`` wrote."""
+    out_dir = storage.root_path / "artifacts" / "dataset_census"
+    table = _read(storage, "dataset_census")
+    if table is None:
+        return [rpt.Section("census", "Dataset census", missing="dataset_census not materialised (stage not run)")]
+    notes = json.loads((out_dir / "notes.json").read_text()) if (out_dir / "notes.json").is_file() else {}
+    plots = [rpt.plot_html(p.read_bytes(), p.stem) for p in sorted(out_dir.glob("*.png"))]
+    sections = [rpt.Section("census", "Dataset census", blocks=[rpt.table_html(table), *plots], notes=list(notes.values()))]
+    titles = {"distributions": "Image size and caption length", "safety_scores": "Safety score distributions",
+              "duplicates": "Duplicate rate", "demographic_words": "Demographic words in captions",
+              "faces": "Faces (OpenCV Haar cascade, sampled images)"}
+    for name, title in titles.items():
+        path = out_dir / f"{name}.parquet"
+        if path.is_file():
+            frame = pl.read_parquet(path)
+            if name == "demographic_words":
+                frame = frame.filter(pl.col("shard") == "all")
+            sections.append(rpt.Section(f"census-{name}", title, blocks=[rpt.table_html(frame)]))
+    return sections
+
+
+# --------------------------------------------------------------------------- the curation report
+
+
+def report_path(storage: DeltaStorage) -> Path:
+    """Where ``curation_report`` writes its HTML page (``curate report`` prints this)."""
+    return storage.reports_dir() / REPORT_PAGE
+
+
+@dg.asset(
+    deps=["regurgitation_audit", "clip_bias_audit", "dataset_census",
+          dg.AssetDep("filtered_samples", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("demographic_ratios", partition_mapping=dg.AllPartitionMapping()),
+          "dedup_groups", "deduplicated_samples", "dedup_recall", "safety_classifiers"],
+    group_name="audits",
+    kinds={"html"},
+)
+def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings) -> dg.MaterializeResult:
+    """One HTML page for reviewers: the funnel (ingested, rejected, filtered per category, removed as
+    duplicates, kept), the active-learning curve, group ratios per stage, the dedup recall curve, the
+    census and links to the audit pages. Sections whose stage has not run say so."""
+    from curation_assets import report as sections_mod
+
+    cfg = audits_config(settings)
+    built = sections_mod.build_report(storage, cfg, context.log)
+    path = report_path(storage)
+    links = [(label, page) for label, page in (("Regurgitation audit", REGURGITATION_PAGE), ("CLIP bias audit", CLIP_BIAS_PAGE),
+                                               ("Census", CENSUS_PAGE)) if (storage.reports_dir() / page).is_file()]
+    rpt.write_page(path, rpt.render_page(cfg.report.get("title", "Curation report"), built.sections,
+                                         subtitle=f"data root {storage.root_path}", links=links))
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "funnel": dg.MetadataValue.md(built.funnel_markdown),
+        "stages not run": ", ".join(built.missing) or "none",
+    })
+
+
+defs = dg.Definitions(assets=[regurgitation_audit, clip_bias_audit, dataset_census, curation_report])
+
+
+# --------------------------------------------------------------------------- demo hooks
+
+
+def demo_config(corpus_dir: Path) -> dict:
+    """The demo audits its own "model outputs": generated/ beside the shards (40% perturbed copies)."""
+    return {"regurgitation": {"generated": str(Path(corpus_dir) / "generated")}}
+
+
+def flagged_per_image(table: pl.DataFrame, reference: str) -> pl.DataFrame:
+    """One row per generated image: flagged (any neighbour flagged), the best flagged training uid (or the
+    nearest one when none is flagged) and its similarity."""
+    rows = table.filter(pl.col("reference") == reference).sort("generated_id", pl.col("flagged").not_(), "rank")
+    return rows.unique("generated_id", keep="first").select(
+        "generated_id", "train_uid", "similarity", "verification", flagged=pl.col("flagged"))
+
+
+def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
+    """Regurgitation recall on the planted copies and flag rate on novel images, against generated_truth."""
+    truth_path = Path(corpus_dir) / "generated_truth.parquet"
+    table = _read(storage, "regurgitation_audit")
+    lines = [f"report: {report_path(storage)}"]
+    if table is None or not truth_path.is_file():
+        return lines + ["regurgitation audit: not run or no generated_truth.parquet"]
+    truth = pl.read_parquet(truth_path)
+    for reference in table["reference"].unique(maintain_order=True).to_list():
+        per_image = flagged_per_image(table, reference)
+        joined = truth.join(per_image, left_on="uid", right_on="generated_id", how="left").with_columns(
+            pl.col("flagged").fill_null(False))
+        copies = joined.filter(pl.col("kind") == "copy")
+        novel = joined.filter(pl.col("kind") == "novel")
+        found = copies.filter(pl.col("flagged"))
+        recall = copies["flagged"].mean() if copies.height else float("nan")
+        source_hit = (found["train_uid"] == found["source_uid"]).mean() if found.height else float("nan")
+        fpr = novel["flagged"].mean() if novel.height else float("nan")
+        lines.append(f"regurgitation ({reference} set): recall on {copies.height} planted copies {recall:.3f} (required >= 0.95), "
+                     f"matched training image = true source for {source_hit:.3f} of them; "
+                     f"flag rate on {novel.height} novel images {fpr:.3f} (required <= 0.01)")
+    return lines

@@ -1,0 +1,383 @@
+"""Regurgitation audit: does a generative model reproduce its training images?
+
+Every generated image is embedded with the encoder that embedded the training set and searched against the
+whole training set. A generated image whose nearest training image is at least ``threshold`` similar is
+*flagged* as a likely copy; the regurgitation rate is the flagged share of generated images, reported with
+a Wilson interval.
+
+Search is exact (faiss ``IndexFlatIP``) up to ``flat_max`` training vectors. Beyond that an approximate
+index (HNSW or IVF) keeps the audit tractable at 10^8-10^9 vectors, and its quality is never assumed: a
+sample of the queries is also searched exactly and two recalls are reported, the usual recall@k of the
+neighbour lists and, the one that matters for the audit, the share of exact above-threshold matches the
+approximate index also flags.
+"""
+
+from __future__ import annotations
+
+import math
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+
+
+def wilson_interval(successes, n, confidence: float = 0.95):
+    """Wilson score interval ``(low, high)`` (from :mod:`curation_assets.core.stats`), element-wise over
+    arrays; ``nan`` where ``n == 0``."""
+    from curation_assets.core import stats
+
+    k = np.asarray(successes, dtype=np.float64)
+    n_ = np.broadcast_to(np.asarray(n, dtype=np.float64), k.shape)
+    pairs = [stats.wilson_interval(float(a), float(b), confidence) for a, b in zip(k.reshape(-1), n_.reshape(-1))]
+    low = np.array([p.low for p in pairs]).reshape(k.shape)
+    high = np.array([p.high for p in pairs]).reshape(k.shape)
+    low = np.where(np.abs(low) < 1e-12, 0.0, low)  # rounding residue of the closed form at k = 0
+    high = np.where(np.abs(high - 1.0) < 1e-12, 1.0, high)
+    if k.ndim == 0:
+        return float(low), float(high)
+    return low, high
+
+
+# --------------------------------------------------------------------------- generated images
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One generated image: ``id`` is its path relative to the generated root without suffix (``name`` for
+    a loose file, ``<tar stem>/<member stem>`` inside a tar shard)."""
+
+    id: str
+    data: bytes
+
+
+def list_generated(path: str | Path) -> list[GeneratedImage]:
+    """Every image under ``path``: a directory of image files (searched recursively), ``*.tar`` shards in
+    that directory, or a single tar file. Sorted by id so runs are reproducible."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"generated images: {root} does not exist")
+    out: list[GeneratedImage] = []
+    tars = [root] if root.is_file() else sorted(root.rglob("*.tar"))
+    if root.is_file() and root.suffix != ".tar":
+        raise ValueError(f"generated images: {root} is neither a directory nor a .tar shard")
+    if root.is_dir():
+        for file in sorted(root.rglob("*")):
+            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                rel = file.relative_to(root).with_suffix("")
+                out.append(GeneratedImage(rel.as_posix(), file.read_bytes()))
+    for tar in tars:
+        prefix = tar.relative_to(root).with_suffix("").as_posix() if root.is_dir() else tar.stem
+        with tarfile.open(tar) as handle:
+            for info in handle:
+                if info.isfile() and Path(info.name).suffix.lower() in IMAGE_SUFFIXES:
+                    stem = Path(info.name).with_suffix("").as_posix()
+                    out.append(GeneratedImage(f"{prefix}/{stem}", handle.extractfile(info).read()))
+    ids = [g.id for g in out]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"generated images: ids are not unique (same name, different suffix?): {dupes}")
+    return sorted(out, key=lambda g: g.id)
+
+
+# --------------------------------------------------------------------------- index choice and search
+
+
+@dataclass
+class IndexConfig:
+    """Which faiss index to search with. ``kind="auto"``: exact flat search up to ``flat_max`` training
+    vectors, ``approximate`` (hnsw or ivf) beyond. HNSW: ``hnsw_m`` links, ``hnsw_ef_search``. IVF:
+    ``ivf_nlist`` lists (0 = 4 * sqrt(n)), ``ivf_nprobe``. ``recall_sample`` queries are also searched
+    exactly to measure the approximate index's recall."""
+
+    kind: str = "auto"
+    flat_max: int = 1_000_000
+    approximate: str = "ivf"
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0
+    ivf_nprobe: int = 16
+    recall_sample: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"index kind {self.kind!r}: use one of {INDEX_KINDS}")
+        if self.approximate not in ("hnsw", "ivf"):
+            raise ValueError(f"approximate index {self.approximate!r}: use 'hnsw' or 'ivf'")
+        if self.flat_max < 0 or self.recall_sample < 0:
+            raise ValueError("flat_max and recall_sample must be >= 0")
+
+    def choose(self, n_train: int) -> str:
+        """The index kind used for a training set of ``n_train`` vectors."""
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if n_train <= self.flat_max else self.approximate
+
+
+def build_index(xb: np.ndarray, kind: str, config: IndexConfig):
+    """A faiss inner-product index of ``kind`` over ``xb`` (L2-normalised rows, so scores are cosines)."""
+    import faiss
+
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    d = xb.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif kind == "ivf":
+        nlist = config.ivf_nlist or max(1, int(4 * math.sqrt(len(xb))))
+        nlist = min(nlist, max(1, len(xb) // 39))  # faiss wants >= 39 training points per list
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(config.seed)
+        train = xb if len(xb) <= 256 * nlist else xb[rng.choice(len(xb), 256 * nlist, replace=False)]
+        index.train(train)
+        index.nprobe = min(config.ivf_nprobe, nlist)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    index.add(xb)
+    return index
+
+
+@dataclass
+class SearchResult:
+    """Top-``k`` neighbours per query: similarities and row indices into the training matrix (-1 = none),
+    the index used and, for approximate indices, its measured recall against exact search."""
+
+    similarities: np.ndarray
+    indices: np.ndarray
+    index_kind: str
+    n_train: int
+    recall_at_k: float | None = None
+    flag_recall: float | None = None
+    recall_queries: int = 0
+    params: dict = field(default_factory=dict)
+
+
+def search(xb: np.ndarray, xq: np.ndarray, k: int, config: IndexConfig | None = None,
+           threshold: float | None = None) -> SearchResult:
+    """Search ``xq`` against ``xb`` with the index ``config`` chooses. For an approximate index, up to
+    ``recall_sample`` queries are searched exactly too: ``recall_at_k`` is the share of exact top-k ids the
+    index returned, ``flag_recall`` the share of exact matches at or above ``threshold`` it returned."""
+    config = config or IndexConfig()
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    n = len(xb)
+    kind = config.choose(n)
+    if n == 0 or len(xq) == 0:
+        return SearchResult(np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64),
+                            kind, n, params={"k": k})
+    kk = min(k, n)
+    index = build_index(xb, kind, config)
+    sims, idx = index.search(xq, kk)
+    if kk < k:
+        sims = np.pad(sims, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+        idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
+    params: dict = {"k": k}
+    if kind == "hnsw":
+        params.update(m=config.hnsw_m, ef_search=config.hnsw_ef_search, ef_construction=config.hnsw_ef_construction)
+    elif kind == "ivf":
+        params.update(nlist=int(index.nlist), nprobe=int(index.nprobe))
+    result = SearchResult(sims.astype(np.float32), idx.astype(np.int64), kind, n, params=params)
+    if kind != "flat" and config.recall_sample:
+        result.recall_at_k, result.flag_recall, result.recall_queries = measure_recall(
+            xb, xq, result.indices[:, :kk], result.similarities[:, :kk], kk, config, threshold)
+    return result
+
+
+def measure_recall(xb: np.ndarray, xq: np.ndarray, approx_idx: np.ndarray, approx_sims: np.ndarray, k: int,
+                   config: IndexConfig, threshold: float | None) -> tuple[float, float | None, int]:
+    """(recall@k, flag recall or None when no exact match reaches the threshold, queries measured), against
+    exact flat search on a random sample of the queries."""
+    import faiss
+
+    rng = np.random.default_rng(config.seed)
+    m = min(config.recall_sample, len(xq))
+    rows = np.sort(rng.choice(len(xq), m, replace=False))
+    exact = faiss.IndexFlatIP(xb.shape[1])
+    exact.add(xb)
+    true_sims, true_idx = exact.search(np.ascontiguousarray(xq[rows]), k)
+    hits = 0
+    flag_true = flag_hit = 0
+    for r, row in enumerate(rows):
+        found = set(approx_idx[row].tolist())
+        hits += len(found & set(true_idx[r].tolist()))
+        if threshold is not None:
+            above = true_idx[r][true_sims[r] >= threshold]
+            flag_true += len(above)
+            flag_hit += len(found & set(above.tolist()))
+    recall = hits / (m * k) if m else float("nan")
+    return recall, (flag_hit / flag_true if flag_true else None), m
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class VerifyConfig:
+    """Pixel-level verification of embedding matches (retrieval + verification, as in copy detection).
+
+    A weight-free encoder pools features over coarse cells, so two different pictures drawn from one
+    template (the same banner layout with other words, the same beach with another person) can be as
+    close as a real copy. A copy, though, is a crop, rescale, re-encode or colour shift of its source, so
+    the generated image, rescaled, reappears somewhere inside the training image: the verifier searches
+    ``scales`` (generated width as a fraction of the training width, down to ``min_scale``) for the best
+    normalised cross-correlation of gradient magnitudes at ``width`` px. ``threshold`` applies to that
+    score; its default 0.78 comes from the perceptual encoder's own near-duplicate transforms, not from the
+    data audited: :func:`calibrate_verification` (300 pairs) puts 95% of such copies (crop, resize,
+    brightness, contrast, JPEG and logo / text stamps covering up to 18% of the side) at or above 0.78;
+    the 1% quantile (0.69) is set by the largest stamps and lets different drawings of one template through."""
+
+    enabled: bool = True
+    threshold: float = 0.78
+    width: int = 128
+    min_scale: float = 0.7
+    scales: int = 13
+    blur: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_scale <= 1.0 or self.scales < 1 or self.width < 32:
+            raise ValueError("verify: need 0 < min_scale <= 1, scales >= 1, width >= 32")
+
+
+def _gray(data: bytes):
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return None if arr is None else arr.astype(np.float32)
+
+
+def _gradient(x, blur: float = 0.0):
+    import cv2
+
+    if blur > 0:
+        x = cv2.GaussianBlur(x, (0, 0), blur)
+    return cv2.magnitude(cv2.Sobel(x, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(x, cv2.CV_32F, 0, 1, ksize=3))
+
+
+def verification_score(generated: bytes, training: bytes, config: VerifyConfig | None = None) -> float:
+    """Best gradient NCC of the (rescaled) generated image inside the training image; -1 if either does
+    not decode. Near 1 for a crop / rescale / re-encode / colour shift of the training image."""
+    import cv2
+
+    config = config or VerifyConfig()
+    g, t = _gray(generated), _gray(training)
+    if g is None or t is None or min(g.shape) < 4 or min(t.shape) < 4:
+        return -1.0
+    # never upsample the generated image much: its own width bounds the detail both can share
+    width = int(min(config.width, t.shape[1], max(32, g.shape[1])))
+    t = cv2.resize(t, (width, max(4, int(round(width * t.shape[0] / t.shape[1])))), interpolation=cv2.INTER_AREA)
+    tg = _gradient(t, config.blur)
+    best = -1.0
+    for scale in np.linspace(config.min_scale, 1.0, config.scales):
+        w = int(round(width * scale))
+        h = int(round(w * g.shape[0] / g.shape[1]))
+        if h > t.shape[0] or w > t.shape[1] or h < 8 or w < 8:
+            continue
+        gi = _gradient(cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA), config.blur)
+        if float(gi.std()) == 0.0:
+            continue
+        best = max(best, float(cv2.matchTemplate(tg, gi, cv2.TM_CCOEFF_NORMED).max()))
+    return best
+
+
+def verify_candidates(table: pl.DataFrame, generated: dict[str, bytes], training: dict[str, bytes],
+                      config: VerifyConfig, workers: int = 2) -> pl.DataFrame:
+    """Add ``verification`` (score, null where not checked) and recompute ``flagged`` for the rows whose
+    similarity reached the threshold (``candidate``): flagged = candidate and verified."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = table.with_row_index("_row").filter(pl.col("candidate"))
+    pairs = list(zip(todo["_row"].to_list(), todo["generated_id"].to_list(), todo["train_uid"].to_list()))
+
+    def score(pair):
+        _, gid, uid = pair
+        if gid not in generated or uid not in training:
+            return -1.0
+        return verification_score(generated[gid], training[uid], config)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # OpenCV releases the GIL
+        scores = list(pool.map(score, pairs))
+    values = np.full(table.height, np.nan, dtype=np.float64)
+    for (row, _, _), value in zip(pairs, scores):
+        values[row] = value
+    out = table.with_columns(verification=pl.Series(values, dtype=pl.Float32).fill_nan(None))
+    return out.with_columns(flagged=pl.col("candidate") & (pl.col("verification") >= config.threshold).fill_null(False))
+
+
+def calibrate_verification(n: int = 300, quantile: float = 0.05, seed: int = 7, config: VerifyConfig | None = None) -> dict:
+    """Verification scores of near-duplicate pairs made by the perceptual encoder's own transforms on its
+    synthetic reference scenes (crop, resize, brightness, contrast, overlay, JPEG): the ``quantile`` of the
+    positive scores is a threshold that keeps ``1 - quantile`` of such copies. Also reports the scores of
+    distinct reference scenes."""
+    import io
+
+    from curation_assets.core.perceptual import near_duplicate, reference_images
+
+    config = config or VerifyConfig()
+    rng = np.random.default_rng(seed)
+    images = reference_images(n + 1, seed=seed)
+
+    def jpeg(im) -> bytes:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    pos = [verification_score(jpeg(near_duplicate(im, rng)), jpeg(im), config) for im in images[:n]]
+    neg = [verification_score(jpeg(images[i + 1]), jpeg(images[i]), config) for i in range(n)]
+    return {"n": n, "quantile": quantile, "threshold": float(np.quantile(pos, quantile)),
+            "positive": {"min": float(np.min(pos)), "median": float(np.median(pos))},
+            "negative": {"median": float(np.median(neg)), "max": float(np.max(neg))}}
+
+
+# --------------------------------------------------------------------------- the audit table
+
+
+def neighbour_table(generated_ids: Sequence[str], result: SearchResult, train_uids: Sequence[str],
+                    threshold: float, reference: str) -> pl.DataFrame:
+    """One row per generated image x neighbour rank: generated_id, reference ("full" / "deduplicated"),
+    rank (1 = nearest), train_uid, similarity, candidate (similarity >= threshold) and flagged (equal to
+    candidate until :func:`verify_candidates` confirms or clears each candidate)."""
+    n, k = result.indices.shape
+    uids = np.asarray(list(train_uids), dtype=object)
+    idx = result.indices.reshape(-1)
+    valid = idx >= 0
+    train = np.full(idx.shape, None, dtype=object)
+    train[valid] = uids[idx[valid]]
+    sims = result.similarities.reshape(-1).astype(np.float64)
+    df = pl.DataFrame({
+        "generated_id": pl.Series(np.repeat(np.asarray(list(generated_ids), dtype=object), k).tolist(), dtype=pl.String),
+        "reference": pl.Series([reference] * (n * k), dtype=pl.String),
+        "rank": pl.Series(np.tile(np.arange(1, k + 1), n), dtype=pl.Int32),
+        "train_uid": pl.Series(train.tolist(), dtype=pl.String),
+        "similarity": pl.Series(np.where(valid, sims, np.nan), dtype=pl.Float32),
+    })
+    flagged = pl.col("similarity").is_not_nan() & (pl.col("similarity") >= threshold)
+    return df.with_columns(candidate=flagged.fill_null(False), flagged=flagged.fill_null(False)) \
+        .filter(pl.col("train_uid").is_not_null())
+
+
+def rate_summary(table: pl.DataFrame, n_generated: int, reference: str, confidence: float = 0.95) -> dict:
+    """Regurgitation rate for one reference set: generated images with at least one flagged neighbour."""
+    rows = table.filter(pl.col("reference") == reference)
+    flagged = rows.filter(pl.col("flagged"))["generated_id"].n_unique()
+    candidates = rows.filter(pl.col("candidate"))["generated_id"].n_unique() if "candidate" in rows.columns else flagged
+    low, high = wilson_interval(flagged, n_generated, confidence)
+    return {
+        "reference": reference,
+        "n_generated": int(n_generated),
+        "n_above_threshold": int(candidates),
+        "n_flagged": int(flagged),
+        "rate": flagged / n_generated if n_generated else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+    }
