@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,11 +41,17 @@ def demo_data(out: Path, shards: int, per_shard: int, seed: int, size: int, drif
 def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, ...]) -> None:
     """Register every shard found and materialise the graph for them through Dagster."""
     from curation_assets.pipeline import open_pipeline
+    from curation_assets.runner import PartialRunError
 
     pipeline = open_pipeline(root, shards_dir, config_path)
     fresh = pipeline.register_all_shards()
     click.echo(f"{len(pipeline.shards())} shards ({len(fresh)} new) in {shards_dir}; Dagster home {pipeline.dagster_home}")
-    pipeline.materialize(list(assets) or None, progress=True)
+    try:
+        pipeline.materialize(list(assets) or None, progress=True, keep_going=True)
+    except PartialRunError as exc:
+        click.echo(str(exc), err=True)
+        click.echo(f"partial run; tables under {Path(root).resolve() / 'delta'}", err=True)
+        sys.exit(1)
     click.echo(f"done; tables under {Path(root).resolve() / 'delta'}")
 
 

@@ -55,12 +55,14 @@ class Pipeline:
         return runner.register_shards(self.instance, keys)
 
     def materialize(self, assets: Sequence[str] | None = None, shards: Sequence[str] | None = None,
-                    progress: bool = False, log_level: str = "WARNING") -> list[dg.ExecuteInProcessResult]:
+                    progress: bool = False, log_level: str = "WARNING",
+                    keep_going: bool = False) -> list[dg.ExecuteInProcessResult]:
         def show(layer, what):
             if progress:
                 print(f"  materialising {', '.join(k.to_user_string() for k in layer)} ({what})", flush=True)
 
-        return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show, log_level=log_level)
+        return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show, log_level=log_level,
+                                  keep_going=keep_going)
 
 
 def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | None = None,

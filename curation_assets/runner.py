@@ -63,6 +63,16 @@ def plan_layers(defs: dg.Definitions, assets: Sequence[str] | None = None) -> li
     return layers
 
 
+class PartialRunError(RuntimeError):
+    """Some assets failed; the others (not downstream of a failure) were still materialised."""
+
+    def __init__(self, failed: dict[str, str], skipped: list[str]):
+        self.failed, self.skipped = failed, skipped
+        lines = [f"  {asset}: {error}" for asset, error in failed.items()]
+        super().__init__("failed assets:\n" + "\n".join(lines)
+                         + (f"\nnot run because an upstream asset failed: {', '.join(skipped)}" if skipped else ""))
+
+
 def materialize(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -71,10 +81,15 @@ def materialize(
     tags: dict[str, str] | None = None,
     on_layer: Callable[[list[dg.AssetKey], str], None] | None = None,
     log_level: str = "INFO",
+    keep_going: bool = False,
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialise ``assets`` (default: the whole graph) for ``shards`` (default: every registered shard),
-    layer by layer; raises on the first failed run. ``log_level`` is the console log level of each run
-    (every event is stored in the instance regardless)."""
+    layer by layer. ``log_level`` is the console log level of each run (every event is stored in the
+    instance regardless).
+
+    By default the first failed run raises. With ``keep_going`` a failure only stops what depends on the
+    failed assets; everything else still runs, and a :class:`PartialRunError` listing both comes at the end
+    (a fresh root without safety labels still gets ingest, embeddings, dedup and the census)."""
     graph = defs.resolve_asset_graph()
     registered = list(instance.get_dynamic_partitions(SHARDS))
     shards = registered if shards is None else list(shards)
@@ -82,20 +97,42 @@ def materialize(
     if missing:
         raise KeyError(f"shards not registered as partitions: {sorted(missing)}; call register_shards first")
     results = []
+    failed: dict[str, str] = {}
+    blocked: set[dg.AssetKey] = set()
+    skipped: list[str] = []
     for layer in plan_layers(defs, assets):
-        job = defs.resolve_implicit_job_def_def_for_assets(layer)
-        pdef = graph.get(layer[0]).partitions_def
-        names = ", ".join(k.to_user_string() for k in layer)
+        runnable = []
+        for key in layer:
+            if graph.get(key).parent_keys & blocked:
+                blocked.add(key)
+                skipped.append(key.to_user_string())
+            else:
+                runnable.append(key)
+        if not runnable:
+            continue
+        job = defs.resolve_implicit_job_def_def_for_assets(runnable)
+        pdef = graph.get(runnable[0]).partitions_def
+        names = ", ".join(k.to_user_string() for k in runnable)
         for run_tags, what in _partition_runs(pdef, shards, registered, instance):
             if on_layer:
-                on_layer(layer, what)
+                on_layer(runnable, what)
             result = job.execute_in_process(
-                instance=instance, asset_selection=layer, tags={**(tags or {}), **run_tags}, raise_on_error=True,
+                instance=instance, asset_selection=runnable, tags={**(tags or {}), **run_tags},
+                raise_on_error=not keep_going,
                 run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
             )
             results.append(result)
-            if not result.success:
+            if result.success:
+                continue
+            if not keep_going:
                 raise RuntimeError(f"run {result.run_id} for [{names}] ({what}) failed")
+            materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+            for event in result.get_step_failure_events():
+                error = event.step_failure_data.error
+                failed[event.step_key] = error.message.strip().splitlines()[0] if error else "failed"
+            blocked |= {k for k in runnable if k not in materialized}
+    if failed or skipped:
+        raise PartialRunError(failed, sorted(set(skipped)))
     return results
 
 
