@@ -1,0 +1,101 @@
+"""The dedup stage end to end through Dagster on the small fixture corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+DEDUP_ASSETS = ["kmeans_centroids", "cluster_assignments", "duplicate_pairs", "dedup_groups",
+                "deduplicated_samples", "dedup_recall"]
+
+
+@pytest.fixture(scope="module")
+def deduped(ingested, tmp_path_factory):
+    import yaml
+
+    state = ingested.copy(tmp_path_factory.mktemp("dedup_root"))
+    # fit on a random subset smaller than the data, as at scale (K = n // 40 = 9, subset 9 * 20 = 180 of 398)
+    config_path = state.root / "demo_config.yaml"
+    config = yaml.safe_load(config_path.read_text()) or {}
+    config.setdefault("dedup", {})["kmeans"] = {"fit_points_per_centroid": 20}
+    config_path.write_text(yaml.safe_dump(config))
+    state.materialize(DEDUP_ASSETS)
+    return state
+
+
+def test_every_sample_exactly_once(deduped):
+    storage = deduped.storage
+    samples = storage.read("samples", columns=["uid", "status"])
+    out = storage.read("deduplicated_samples")
+    assert out.height == samples.height
+    assert out["uid"].n_unique() == out.height
+    assert set(out["uid"]) == set(samples["uid"])
+    joined = out.join(samples.rename({"status": "ingest_status"}), on="uid")
+    # rejected at ingest <=> status rejected; every ok sample has exactly one of the other fates
+    assert (joined.filter(pl.col("ingest_status") != "ok")["status"] == "rejected").all()
+    ok = joined.filter(pl.col("ingest_status") == "ok")
+    assert set(ok["status"].unique()) <= {"representative", "duplicate", "singleton"}
+    assert (out["kept"] == out["status"].is_in(["representative", "singleton"])).all()
+    groups = storage.read("dedup_groups")
+    assert groups.height > 0
+    # one representative per group; removed members point at their group's representative
+    per_group = groups.group_by("group_id").agg(pl.col("is_representative").sum().alias("reps"), pl.len().alias("n"))
+    assert (per_group["reps"] == 1).all() and (per_group["n"] >= 2).all()
+    dups = out.filter(pl.col("status") == "duplicate").join(groups.select("uid", "group_id"), on="uid", suffix="_g")
+    assert (dups["group_id"] == dups["group_id_g"]).all()
+    reps = set(groups.filter("is_representative")["uid"])
+    assert set(dups["representative_uid"]) <= reps
+
+
+def test_representative_has_highest_resolution(deduped):
+    groups = deduped.storage.read("dedup_groups").with_columns((pl.col("width") * pl.col("height")).alias("res"))
+    best = groups.group_by("group_id").agg(pl.col("res").max().alias("best"))
+    reps = groups.filter("is_representative").join(best, on="group_id")
+    assert (reps["res"] == reps["best"]).all()
+
+
+def test_pairs_and_assignments(deduped):
+    storage = deduped.storage
+    n = storage.scan("image_embeddings").select(pl.len()).collect().item()
+    assignments = storage.read("cluster_assignments")
+    assert assignments.height == 5 * n
+    assert sorted(assignments["clustering"].unique()) == ["1", "2", "3", "4", "5"]
+    centroids = storage.read("kmeans_centroids").sort("clustering")
+    k = centroids["k"].to_list()
+    assert k == [max(1, min(1024, n // 40))] * 5
+    assert assignments["cluster"].max() < k[0]
+    assert centroids["n_fit"].to_list() == [min(n, k[0] * 20)] * 5 and centroids["n_fit"][0] < n
+    assert centroids["version"].n_unique() == 5
+    pairs = storage.read("duplicate_pairs")
+    assert pairs.height > 0
+    assert (pairs["uid_a"] < pairs["uid_b"]).all()
+    assert pairs.select(pl.struct("uid_a", "uid_b").n_unique()).item() == pairs.height
+    assert (pairs["n_clusterings"] == pairs["clusterings"].list.len()).all()
+    # a pair is reported by clustering c exactly when both ends share a cluster in c
+    wide = assignments.pivot(on="clustering", index="uid", values="cluster")
+    check = (pairs.join(wide, left_on="uid_a", right_on="uid")
+                  .join(wide, left_on="uid_b", right_on="uid", suffix="_b"))
+    for c in "12345":
+        same = (check[c] == check[f"{c}_b"]).to_numpy()
+        listed = check["clusterings"].list.contains(int(c)).to_numpy()
+        assert np.array_equal(same, listed)
+
+
+def test_recall_table_and_check(deduped):
+    recall = deduped.storage.read("dedup_recall").sort("clusterings")
+    assert recall["clusterings"].to_list() == [1, 2, 3, 4, 5]
+    r = recall["recall"].to_list()
+    assert r == sorted(r)
+    assert recall["true_pairs"][0] > 0
+    # the fixture is small, so the sample is the whole dataset and the exact search covers every pair
+    pairs = deduped.storage.read("duplicate_pairs")
+    assert recall["found"][-1] == pairs.height
+
+
+def test_demo_summary(deduped):
+    from curation_assets.dedup import demo_summary
+
+    lines = demo_summary(deduped.storage, deduped.corpus)
+    text = "\n".join(lines)
+    assert "pair recall" in text and "pair precision" in text and "removed as duplicates" in text
