@@ -5,7 +5,8 @@
    with and without pixel verification.
 2. Index choice: flat vs HNSW vs IVF on random unit vectors (default 200k x 384), build and search time
    and the recall against flat search that the audit reports.
-3. Verification threshold calibration on the encoder's own near-duplicate transforms.
+3. Verification threshold calibration on the encoder's own near-duplicate transforms, and the candidate
+   threshold calibration (configs/audits.yaml thresholds) on synthetic copies, not on the demo corpus.
 
     python bench/bench_audits.py --out bench/results/audits.json
 """
@@ -20,6 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+
+def packaged_regurgitation_config() -> dict:
+    import yaml
+
+    from curation_assets import audits
+
+    return yaml.safe_load((Path(audits.__file__).parent / "configs" / "audits.yaml").read_text())["regurgitation"]
 
 
 def demo_regurgitation(shards: int, per_shard: int, size: int, seed: int, k: int = 20, threshold: float | None = None) -> dict:
@@ -46,10 +55,12 @@ def demo_regurgitation(shards: int, per_shard: int, size: int, seed: int, k: int
         xb = np.concatenate(blocks)
         encode_s = time.perf_counter() - started
         generated = rg.list_generated(out / "generated")
-        xq = encoder.encode_bytes([g.data for g in generated])
+        packaged = packaged_regurgitation_config()
+        shifts = packaged["colour_shifts"]
+        xq, variants = rg.encode_queries(encoder, [g.data for g in generated], shifts)
         truth = pl.read_parquet(out / "generated_truth.parquet")
-        result = rg.search(xb, xq, k, rg.IndexConfig())
-        threshold = encoder.threshold if threshold is None else threshold
+        result = rg.merge_variants(rg.search(xb, xq, k, rg.IndexConfig()), variants)
+        threshold = packaged["thresholds"][encoder.name] if threshold is None else threshold
         table = rg.neighbour_table([g.id for g in generated], result, uids, threshold, "full")
         started = time.perf_counter()
         verified = rg.verify_candidates(table, {g.id: g.data for g in generated}, train_bytes, rg.VerifyConfig())
@@ -69,7 +80,8 @@ def demo_regurgitation(shards: int, per_shard: int, size: int, seed: int, k: int
         return {
             "corpus": {"shards": shards, "per_shard": per_shard, "size": size, "seed": seed, "train": len(uids),
                        "generated": len(generated), "corpus_seconds": round(corpus_s, 1), "encode_seconds": round(encode_s, 1)},
-            "threshold": threshold, "encoder_threshold": encoder.threshold, "k": k,
+            "threshold": threshold, "dedup_threshold": encoder.threshold, "k": k, "colour_shifts": shifts,
+            "query_variants": variants,
             "nearest_similarity_quantiles_0_5_50_95_100": by_kind,
             "embedding_only": rates(table, "candidate"),
             "with_verification": rates(verified, "flagged"),
@@ -108,7 +120,8 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=None, help="candidate cosine (default: the encoder's)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="candidate cosine (default: the packaged audits.yaml thresholds[<encoder>])")
     parser.add_argument("--k", type=int, default=20, help="neighbours per generated image (the audit default)")
     parser.add_argument("--demo-only", action="store_true")
     parser.add_argument("--index-n", type=int, default=50_000)
@@ -127,6 +140,12 @@ def main() -> None:
         print(f"{row['index']:>5}: {row['seconds']:6.2f}s recall@10 {row['recall_at_10']:.4f} flag recall {row['flag_recall']}")
     results["verification_calibration"] = rg.calibrate_verification(300)
     print("verification calibration:", results["verification_calibration"])
+    from curation_assets.core.perceptual import PerceptualEncoder
+
+    results["candidate_calibration"] = rg.calibrate_candidate_threshold(
+        PerceptualEncoder(), n=400, quantile=0.01, shifts=packaged_regurgitation_config()["colour_shifts"],
+        verify=rg.VerifyConfig())
+    print("candidate threshold calibration:", results["candidate_calibration"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -50,7 +50,9 @@ class RegurgitationConfig:
     generated: str | None = None
     k: int = 20
     threshold: float | None = None
+    thresholds: dict = field(default_factory=dict)
     fallback_threshold: float = 0.95
+    colour_shifts: list = field(default_factory=lambda: [0])
     deduplicated: bool = True
     confidence: float = 0.95
     index: dict = field(default_factory=dict)
@@ -112,10 +114,15 @@ class AuditsConfig:
         r = self.regurgitation
         if r.k < 1:
             raise ValueError("audits config regurgitation.k must be >= 1")
-        for name in ("threshold", "fallback_threshold"):
-            value = getattr(r, name)
+        values = {"threshold": r.threshold, "fallback_threshold": r.fallback_threshold}
+        if not isinstance(r.thresholds, dict):
+            raise ValueError("audits config regurgitation.thresholds maps encoder names to cosines")
+        values.update({f"thresholds[{k}]": v for k, v in r.thresholds.items()})
+        for name, value in values.items():
             if value is not None and not -1.0 <= float(value) <= 1.0:
                 raise ValueError(f"audits config regurgitation.{name} is a cosine in [-1, 1], got {value}")
+        if not isinstance(r.colour_shifts, (list, tuple)) or not all(isinstance(v, int) and -255 <= v <= 255 for v in r.colour_shifts):
+            raise ValueError(f"audits config regurgitation.colour_shifts is a list of integer offsets, got {r.colour_shifts!r}")
         self.index_config()
         self.verify_config()
         c = self.clip_bias
@@ -181,11 +188,13 @@ def _read(storage: DeltaStorage, name: str) -> pl.DataFrame | None:
 
 
 def _encoder_threshold(model, cfg: RegurgitationConfig) -> tuple[float, str]:
+    """The candidate cosine: ``threshold`` when set, else the calibrated value for this encoder in
+    ``thresholds``, else ``fallback_threshold``. Never the dedup threshold: generated copies are
+    harsher than the near-duplicates inside a training set."""
     if cfg.threshold is not None:
         return float(cfg.threshold), "audits.regurgitation.threshold"
-    own = getattr(model, "threshold", None)
-    if own is not None:
-        return float(own), f"{model.name} encoder's DUPLICATE_THRESHOLD"
+    if cfg.thresholds.get(model.name) is not None:
+        return float(cfg.thresholds[model.name]), f"audits.regurgitation.thresholds[{model.name}]"
     return float(cfg.fallback_threshold), "audits.regurgitation.fallback_threshold"
 
 
@@ -244,7 +253,7 @@ def regurgitation_audit(
     if not generated:
         raise ValueError(f"audits.regurgitation.generated={rc.generated}: no images found there")
     model = encoder.load()
-    xq = model.encode_bytes([g.data for g in generated])
+    xq, variants = rg.encode_queries(model, [g.data for g in generated], rc.colour_shifts)
     ids, xb = storage.load_embeddings()
     encoders = sorted(ids["encoder"].unique().to_list()) if ids.height else []
     if encoders and encoders != [model.name]:
@@ -255,7 +264,8 @@ def regurgitation_audit(
     gen_ids = [g.id for g in generated]
     uids = ids["uid"].to_list()
     context.log.info(f"searching {len(generated)} generated images against {len(uids)} training images "
-                     f"({index_cfg.choose(len(uids))} index, threshold {threshold} from {threshold_source})")
+                     f"({index_cfg.choose(len(uids))} index, {variants} colour-shift variant(s) per image, "
+                     f"threshold {threshold} from {threshold_source})")
 
     references: dict[str, tuple[list[str], np.ndarray]] = {"full": (uids, xb)}
     dedup_note = None
@@ -271,7 +281,7 @@ def regurgitation_audit(
 
     tables, searches = [], {}
     for reference, (ref_uids, ref_x) in references.items():
-        searches[reference] = rg.search(ref_x, xq, rc.k, index_cfg, threshold)
+        searches[reference] = rg.merge_variants(rg.search(ref_x, xq, rc.k, index_cfg, threshold), variants)
         tables.append(rg.neighbour_table(gen_ids, searches[reference], ref_uids, threshold, reference))
     table = pl.concat(tables)
     gen_bytes = {g.id: g.data for g in generated}
@@ -340,8 +350,17 @@ def regurgitation_audit(
 def _regurgitation_note(n: int, rc: RegurgitationConfig, encoder: str, threshold: float, source: str, verify) -> str:
     rule = (f"and flagged when pixel verification confirms it (gradient NCC >= {verify.threshold:.2f} after rescaling "
             "it into the training image)" if verify.enabled else "and flagged as such (verification disabled)")
+    variants = len(_colour_grid(rc.colour_shifts))
+    shifts = (f" (best of {variants} colour-shifted variants of the generated image, offsets {sorted(set(rc.colour_shifts) | {0})} "
+              "per channel)" if variants > 1 else "")
     return (f"{n} generated images from {rc.generated}; encoder {encoder}. A training image is a candidate match when "
-            f"its cosine similarity is >= {threshold:.3f} ({source}), {rule}. Intervals: Wilson {rc.confidence:.0%}.")
+            f"its cosine similarity{shifts} is >= {threshold:.3f} ({source}), {rule}. Intervals: Wilson {rc.confidence:.0%}.")
+
+
+def _colour_grid(shifts) -> list:
+    from curation_assets.core.regurgitation import colour_shift_grid
+
+    return colour_shift_grid(shifts)
 
 
 def _similarity_histogram(table: pl.DataFrame, threshold: float) -> bytes:
@@ -754,8 +773,14 @@ def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
         found = copies.filter(pl.col("flagged"))
         recall = copies["flagged"].mean() if copies.height else float("nan")
         source_hit = (found["train_uid"] == found["source_uid"]).mean() if found.height else float("nan")
+        group_hit = float("nan")
+        if found.height and (Path(corpus_dir) / "ground_truth.parquet").is_file():
+            group = dict(pl.read_parquet(Path(corpus_dir) / "ground_truth.parquet").select("uid", "dup_group").iter_rows())
+            group_hit = float(np.mean([t == s or (group.get(s) is not None and group.get(t) == group.get(s))
+                                       for t, s in found.select("train_uid", "source_uid").iter_rows()]))
         fpr = novel["flagged"].mean() if novel.height else float("nan")
         lines.append(f"regurgitation ({reference} set): recall on {copies.height} planted copies {recall:.3f} (required >= 0.95), "
-                     f"matched training image = true source for {source_hit:.3f} of them; "
+                     f"matched training image = true source for {source_hit:.3f} of them "
+                     f"(the source or one of its planted near-duplicates: {group_hit:.3f}); "
                      f"flag rate on {novel.height} novel images {fpr:.3f} (required <= 0.01)")
     return lines

@@ -302,3 +302,62 @@ def test_verify_candidates_only_checks_candidates_and_requires_both():
     assert out["flagged"].to_list() == [True, False, False]  # g2 -> b is identical but below the cosine threshold
     assert out["verification"][2] is None and out["verification"][0] > 0.9
     assert rg.rate_summary(out, 2, "full")["n_above_threshold"] == 1
+
+
+# --------------------------------------------------------------------------- candidate threshold and query variants
+
+
+def test_colour_shift_grid_starts_with_the_original():
+    grid = rg.colour_shift_grid([20, -20])
+    assert grid[0] == (0, 0, 0) and len(grid) == 27 and len(set(grid)) == 27
+    assert rg.colour_shift_grid([0]) == [(0, 0, 0)]
+
+
+def test_merge_variants_keeps_best_similarity_per_training_row():
+    # two generated images x 2 variants, k = 3; row 5 appears in both variants of image 0
+    sims = np.array([[0.9, 0.5, 0.4], [0.95, 0.6, 0.3], [0.2, 0.1, -np.inf], [0.7, 0.2, 0.1]], np.float32)
+    idx = np.array([[5, 1, 2], [5, 3, 1], [4, 0, -1], [9, 4, 0]], np.int64)
+    res = rg.SearchResult(sims, idx, "flat", 10, params={"k": 3})
+    merged = rg.merge_variants(res, 2)
+    assert merged.indices.tolist() == [[5, 3, 1], [9, 4, 0]]
+    np.testing.assert_allclose(merged.similarities, [[0.95, 0.6, 0.5], [0.7, 0.2, 0.1]])
+    assert merged.params["query_variants"] == 2 and rg.merge_variants(res, 1) is res
+
+
+class _MeanColour:
+    """A toy encoder that only sees the mean colour: shifting the query colour back must find the source."""
+
+    name, dim = "mean-colour", 3
+
+    def encode_images(self, images):
+        x = np.stack([np.asarray(im.convert("RGB"), np.float32).mean(axis=(0, 1)) - 128 for im in images])
+        return _unit(x + 1e-3)
+
+    def encode_bytes(self, blobs):
+        return self.encode_images([Image.open(io.BytesIO(b)) for b in blobs])
+
+
+def test_encode_queries_colour_variants_recover_a_colour_cast():
+    enc = _MeanColour()
+    source, cast = _png((150, 90, 110)), _png((130, 110, 110))  # the copy has a (-20, +20, 0) cast
+    xb = enc.encode_bytes([source, _png((130, 110, 110 + 60))])
+    plain, v1 = rg.encode_queries(enc, [cast], [0])
+    xq, v = rg.encode_queries(enc, [cast], [-20, 0, 20])
+    assert v1 == 1 and v == 27 and xq.shape == (27, 3)
+    np.testing.assert_allclose(xq[0], plain[0], atol=1e-6)  # the original is the first variant
+    merged = rg.merge_variants(rg.search(xb, xq, 2), v)
+    assert merged.indices[0, 0] == 0 and merged.similarities[0, 0] > 0.999
+    assert (plain @ xb[0]).item() < merged.similarities[0, 0]
+
+
+def test_candidate_threshold_calibration_keeps_the_quantile_of_synthetic_copies():
+    from curation_assets.core.perceptual import PerceptualEncoder
+
+    out = rg.calibrate_candidate_threshold(PerceptualEncoder(), n=40, quantile=0.1)
+    assert out["n_scenes"] == 40 and out["query_variants"] == 1
+    recall = np.mean(list(out["recall_at_threshold"].values()))
+    assert 0.85 <= recall <= 0.95 + 1e-9
+    assert out["copy_similarity"]["generator"]["median"] < out["copy_similarity"]["encoder"]["median"]
+    originals, copies, kinds = rg.copy_pairs(3)
+    assert len(originals) == len(copies) == 6 and kinds == ["encoder", "generator"] * 3
+    assert originals[0] == originals[1] and copies[0] != copies[1]

@@ -316,3 +316,24 @@ def test_safety_motifs_are_linearly_separable(tmp_path):
         assert roc_auc_score(y[y | hard], s[y | hard]) >= 0.97, cat
         threshold = np.sort(s[y])[int(0.01 * y.sum())]
         assert ((s >= threshold) & ~y).mean() <= 0.05, cat
+
+
+def test_novel_generated_images_use_no_training_vocabulary():
+    from curation_assets.core import demo_corpus as dc
+
+    _, gen = dc._plan(2, 100, 5, False, 60)
+    novel = [g for g in gen if g["kind"] == "novel"]
+    copies = [g for g in gen if g["kind"] == "copy"]
+    assert novel and copies and all(g["attrs"].get("novel") for g in novel)
+    assert not any(g["attrs"].get("novel") for g in copies)
+    for g in novel:
+        a = g["attrs"]
+        assert a.get("colour") is None or a["colour"] not in dc.PALETTE
+        if g["family"] == "banner":
+            assert a["text"] not in dc.BANNER_WORDS
+        if g["family"] == "shapes":
+            assert a["shape"] not in dc.SHAPE_KINDS
+        if g["family"] == "scene":
+            assert a["sky"] not in ("sunset", "noon", "dusk", "morning")
+    image, _ = dc.render_image(novel[0], 64)
+    assert image.size[0] == 64

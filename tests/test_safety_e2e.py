@@ -12,43 +12,53 @@ import yaml
 
 from curation_assets import safety
 
-# The small corpus holds ~15-20 positives per category, so the recall target is scaled to what its labels
-# can resolve (0.9 needs 10 positives) and the seed starts from a handful of positives.
+# The bias tests' corpus (4 x 500 images plus a drifted shard, shared on disk per session) holds ~90-110
+# positives per category: enough for a precision at 0.9 recall that moves in steps of about 1%, where the
+# 2 x 200 fixture corpus (~19 positives) moves in steps of 5% and cannot show a trend. The recall target
+# is scaled to what the labels can resolve (0.9 needs 10 positives); the seed starts from a few positives.
 SMALL_SAFETY = {
     "categories": [
         {"name": "violence", "definition": "graphic violence (demo stand-in motif)", "target_recall": 0.9},
         {"name": "sexual", "definition": "sexual content (demo stand-in motif)", "target_recall": 0.9},
     ],
-    "active_learning": {"batch_size": 15},
-    "demo": {"seed_positives": 3, "seed_negatives": 60, "seed_pool": 400},
+    "active_learning": {"batch_size": 40},
+    "demo": {"seed_positives": 8, "seed_negatives": 150, "seed_pool": 1500},
 }
 
 
 @pytest.fixture
-def pipeline(ingested, tmp_path):
+def corpus(tmp_path_factory) -> Path:
+    from tests.test_bias import drift_base
+
+    return drift_base(tmp_path_factory)[0]
+
+
+@pytest.fixture
+def pipeline(corpus, tmp_path_factory, tmp_path):
     from curation_assets.pipeline import open_pipeline
+    from tests.test_bias import drift_base
 
     root = tmp_path / "root"
-    shutil.copytree(ingested.root, root, ignore=shutil.ignore_patterns("dagster_home"))
+    shutil.copytree(drift_base(tmp_path_factory)[1], root, ignore=shutil.ignore_patterns("dagster_home"))
     config = yaml.safe_load((root / "demo_config.yaml").read_text()) if (root / "demo_config.yaml").is_file() else {}
     config = config or {}
     config["safety"] = SMALL_SAFETY
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    pipe = open_pipeline(root, ingested.corpus, str(path), instance=dg.DagsterInstance.ephemeral())
+    pipe = open_pipeline(root, corpus, str(path), instance=dg.DagsterInstance.ephemeral())
     pipe.register_all_shards()
     return pipe
 
 
-def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sample(pipeline, ingested, tmp_path):
+def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sample(pipeline, corpus, tmp_path):
     storage = pipeline.storage
     lines = safety.demo_active_learning(lambda names: pipeline.materialize(names), storage, pipeline.settings,
-                                        ingested.corpus, rounds=3)
+                                        corpus, rounds=3)
     print("\n".join(lines))
     assert any("corpus P@t" in line for line in lines)
 
     rounds = safety.rounds_table(storage)
-    truth = pl.read_parquet(ingested.corpus / "ground_truth.parquet", columns=["uid", "category"])
+    truth = pl.read_parquet(corpus / "ground_truth.parquet", columns=["uid", "category"])
     measured = safety.corpus_metrics(storage, truth, rounds["classifier_version"].unique().to_list(),
                                      {"violence": 0.9, "sexual": 0.9})
     table = rounds.join(measured, on=["classifier_version", "category"])
@@ -66,7 +76,7 @@ def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sa
 
     out = tmp_path / "queue.csv"
     result = CliRunner().invoke(labels_cli, ["export-queue", "--root", str(storage.root_path), "--out", str(out),
-                                             "--shards-dir", str(ingested.corpus), "--thumbnails", "--size", "64"])
+                                             "--shards-dir", str(corpus), "--thumbnails", "--size", "64"])
     assert result.exit_code == 0, result.output
     exported = pl.read_csv(out)
     assert exported.height == safety.latest_queue(storage).height > 0
@@ -83,6 +93,6 @@ def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sa
     assert all(r == ["rejected"] for r in rejected["reasons"].to_list())
     assert (both.filter(pl.col("kept"))["reasons"].list.len() == 0).all()
 
-    summary = safety.demo_summary(storage, ingested.corpus)
+    summary = safety.demo_summary(storage, corpus)
     assert any(line.strip().startswith("violence") for line in summary)
     assert any("clean images removed" in line for line in summary)

@@ -103,7 +103,10 @@ family, to "none" for scenes), so its women/men ratio falls to about a third of 
 Other planted effects: 0.5% of the images are corrupt (``corrupt`` True; truncated JPEG bytes or a
 zero-byte file) so the ingest funnel shows rejections; the ``generated`` set holds 40% perturbed
 copies of training images (JPEG 40-80 plus two of: crop to 70-90% of the area, resize 0.5-0.9, colour
-shift) and 60% novel images of the same families with fresh parameters.
+shift, :func:`copy_transforms`) and 60% novel images of the same families drawn with parameters no
+training image uses (:func:`_novel_attrs`: colours outside ``PALETTE``, banner texts outside
+``BANNER_WORDS``, new shape kinds, square / octagonal dark-faced clocks, mountain / lake / desert
+landscapes, park / street / snow portraits), so a novel image has no copy in the training set.
 """
 
 from __future__ import annotations
@@ -703,12 +706,270 @@ def _describe(transforms: list[tuple[str, Any]]) -> str:
 _RENDERERS = {"clock": _render_clock, "shapes": _render_shapes, "banner": _render_banner}
 
 
+# --------------------------------------------------------------------------------------------------
+# novel "model outputs": parameters no training image uses
+
+
+NOVEL_PALETTE = {
+    "coral": (250, 110, 90), "maroon": (110, 20, 50), "mint": (150, 235, 190), "orange": (245, 140, 20),
+    "magenta": (210, 40, 160), "brown": (120, 75, 40), "pink": (250, 180, 200), "indigo": (60, 20, 130),
+    "gold": (200, 160, 60), "crimson": (200, 30, 60),
+}  # none of these is in PALETTE: novel images never reuse a training colour
+NOVEL_BANNER_WORDS = [
+    "HARBOUR LIGHTS", "NIGHT OWL", "ZEBRA CROSSING", "QUARTZ", "JUKEBOX", "VOYAGE", "PIXEL WORKS", "KAYAK HIRE",
+    "FOGGY BAY", "WAX MUSEUM", "JAZZ BRUNCH", "BIKE REPAIR", "ORCHARD", "TIDE POOL", "VELVET", "COMET",
+]  # disjoint from BANNER_WORDS
+NOVEL_SHAPE_KINDS = ("ring", "cross", "crescent", "arrow")  # disjoint from SHAPE_KINDS
+_NOVEL_SKY = {
+    "aurora": ((10, 30, 45), (60, 200, 140)), "overcast": ((150, 150, 160), (205, 205, 210)),
+    "storm": ((45, 50, 65), (110, 110, 130)), "pink dawn": ((230, 150, 190), (250, 220, 180)),
+}
+_NOVEL_LAND = ("mountains", "lake", "desert")
+_NOVEL_SETTINGS = ("park", "street", "snow")
+assert not set(NOVEL_PALETTE) & set(PALETTE) and not set(NOVEL_BANNER_WORDS) & set(BANNER_WORDS)
+
+
+def _novel_attrs(family: str, gender: str, r: random.Random) -> dict[str, Any]:
+    """Attributes of a *novel* generated image: the family's layout drawn with values outside the
+    training vocabulary (colours, banner texts, shape kinds, clock bodies, landscapes, settings), so
+    no training image is a copy of it. ``novel: True`` routes it to the novel renderers."""
+    people = _people_count(gender, r) if family in ("scene", "people") else 0
+    attrs: dict[str, Any] = {"people": people, "figures": _figures(gender, people, r), "novel": True}
+    names = list(NOVEL_PALETTE)
+    if family == "clock":
+        attrs.update(hour=r.randint(1, 12), minute=r.randint(0, 59), colour=r.choice(names),
+                     body=r.choice(["square", "octagon"]), roman=r.random() < 0.5,
+                     background=r.sample(names, 2))
+    elif family == "shapes":
+        attrs.update(shape=r.choice(NOVEL_SHAPE_KINDS), colour=r.choice(names), n=r.randint(3, 7),
+                     background=r.sample(names, 2))
+    elif family == "banner":
+        colour, accent = r.sample(names, 2)
+        attrs.update(text=r.choice(NOVEL_BANNER_WORDS), colour=colour, accent=accent)
+    elif family == "scene":
+        attrs.update(sky=r.choice(list(_NOVEL_SKY)), land=r.choice(_NOVEL_LAND))
+    elif family == "people":
+        attrs.update(setting=r.choice(_NOVEL_SETTINGS))
+    return attrs
+
+
+def _novel_caption(family: str, gender: str, attrs: dict[str, Any], variant: int) -> str:
+    a = attrs
+    who = _people_phrase(gender, a["people"], a["figures"], variant // 4)
+    if family == "clock":
+        return f"a {a['body']} {a['colour']} clock with a dark face at {_clock_time(a['hour'], a['minute'])}"
+    if family == "shapes":
+        return f"{a['colour']} {a['shape']}s on a striped background"
+    if family == "banner":
+        return f"a {a['colour']} and {a['accent']} sign that says “{a['text']}”"
+    if family == "scene":
+        place = f"{a['land']} under a {a['sky']} sky"
+        return f"{who} by the {place}" if who else f"{place}, landscape"
+    if family == "people":
+        return f"{who} in the {a['setting']}" if who else f"an empty {a['setting']}"
+    raise ValueError(family)
+
+
+def _stripes(w: int, h: int, colours: list[str], r: random.Random, vertical: bool) -> Image.Image:
+    img = Image.new("RGB", (w, h), NOVEL_PALETTE[colours[0]])
+    d = ImageDraw.Draw(img)
+    step = max(4, int(r.uniform(0.08, 0.16) * w))
+    for i in range(0, w if vertical else h, 2 * step):
+        box = [i, 0, i + step - 1, h] if vertical else [0, i, w, i + step - 1]
+        d.rectangle(box, fill=NOVEL_PALETTE[colours[1]])
+    return img
+
+
+def _render_clock_novel(attrs: dict, size: int, r: random.Random) -> Image.Image:
+    w, h = _canvas_size("clock", size)
+    bg0, bg1 = (NOVEL_PALETTE[c] for c in attrs["background"])
+    img = Image.new("RGB", (w, h), bg0)
+    d = ImageDraw.Draw(img)
+    d.polygon([(0, h), (w, 0), (w, h)], fill=bg1)
+    cx, cy = w / 2 + r.uniform(-0.05, 0.05) * w, h / 2 + r.uniform(-0.05, 0.05) * h
+    radius = r.uniform(0.36, 0.44) * min(w, h)
+    rim, face, light = NOVEL_PALETTE[attrs["colour"]], (28, 30, 38), (240, 238, 225)
+
+    def body(rad: float, fill) -> None:
+        if attrs["body"] == "square":
+            d.rounded_rectangle([cx - rad, cy - rad, cx + rad, cy + rad], radius=rad * 0.25, fill=fill)
+        else:
+            d.polygon(_poly(cx, cy, rad * 1.08, 8, math.pi / 8), fill=fill)
+
+    body(radius, rim)
+    inner = radius * 0.84
+    body(inner, face)
+    for i in range(12):
+        a = 2 * math.pi * i / 12
+        px, py = cx + inner * 0.85 * math.sin(a), cy - inner * 0.85 * math.cos(a)
+        dot = inner * (0.06 if i % 3 == 0 else 0.03)
+        d.ellipse([px - dot, py - dot, px + dot, py + dot], fill=light)
+    if attrs["roman"]:
+        f = _font(inner * 0.18)
+        for n, label in ((12, "XII"), (3, "III"), (6, "VI"), (9, "IX")):
+            a = 2 * math.pi * n / 12
+            d.text((cx + inner * 0.6 * math.sin(a), cy - inner * 0.6 * math.cos(a)), label, fill=light, font=f,
+                   anchor="mm")
+    hour_a = 2 * math.pi * ((attrs["hour"] % 12) + attrs["minute"] / 60) / 12
+    min_a = 2 * math.pi * attrs["minute"] / 60
+    sec_a = r.uniform(0, 2 * math.pi)
+    for a, length, width, colour in ((hour_a, 0.5, 0.06, light), (min_a, 0.78, 0.035, light),
+                                     (sec_a, 0.85, 0.012, (230, 40, 40))):
+        tip = (cx + inner * length * math.sin(a), cy - inner * length * math.cos(a))
+        d.line([(cx, cy), tip], fill=colour, width=max(1, int(inner * width)))
+    return img
+
+
+def _render_shapes_novel(attrs: dict, size: int, r: random.Random) -> Image.Image:
+    w, h = _canvas_size("shapes", size)
+    img = _stripes(w, h, attrs["background"], r, vertical=r.random() < 0.5)
+    d = ImageDraw.Draw(img)
+    names = [n for n in NOVEL_PALETTE if n not in attrs["background"]]
+    for i in range(attrs["n"]):
+        main = i <= attrs["n"] // 2
+        kind = attrs["shape"] if main else r.choice(NOVEL_SHAPE_KINDS)
+        colour = NOVEL_PALETTE[attrs["colour"] if main and attrs["colour"] in names else r.choice(names)]
+        rad = r.uniform(0.08, 0.18) * w
+        cx, cy = r.uniform(rad, w - rad), r.uniform(rad, h - rad)
+        rot = r.uniform(0, 2 * math.pi)
+        if kind == "ring":
+            d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], outline=colour, width=max(2, int(rad * 0.3)))
+        elif kind == "cross":
+            for a in (rot, rot + math.pi / 2):
+                dx, dy = rad * math.cos(a), rad * math.sin(a)
+                d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=colour, width=max(2, int(rad * 0.4)))
+        elif kind == "crescent":
+            d.pieslice([cx - rad, cy - rad, cx + rad, cy + rad], math.degrees(rot), math.degrees(rot) + 180, fill=colour)
+            d.ellipse([cx - rad * 0.55, cy - rad * 0.55, cx + rad * 0.55, cy + rad * 0.55], outline=colour,
+                      width=max(1, int(rad * 0.15)))
+        else:
+            pts = [(-1.0, -0.25), (0.2, -0.25), (0.2, -0.6), (1.0, 0.0), (0.2, 0.6), (0.2, 0.25), (-1.0, 0.25)]
+            c, s = math.cos(rot), math.sin(rot)
+            d.polygon([(cx + rad * (x * c - y * s), cy + rad * (x * s + y * c)) for x, y in pts], fill=colour)
+    return img
+
+
+def _render_banner_novel(attrs: dict, size: int, r: random.Random) -> Image.Image:
+    w, h = _canvas_size("banner", size)
+    left, right = np.array(NOVEL_PALETTE[attrs["colour"]], np.float32), np.array(NOVEL_PALETTE[attrs["accent"]], np.float32)
+    t = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :, None]
+    img = Image.fromarray(np.broadcast_to((1 - t) * left + t * right, (h, w, 3)).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    light = sum(NOVEL_PALETTE[attrs["colour"]]) > 400
+    ink = (20, 20, 30) if light else (250, 250, 245)
+    er = h * r.uniform(0.28, 0.36)
+    ex, ey = h * 0.5, h / 2
+    d.ellipse([ex - er, ey - er, ex + er, ey + er], outline=ink, width=_s(size, 4))
+    d.text((ex, ey), attrs["text"][0], fill=ink, font=_font(er * 1.1), anchor="mm")
+    words = attrs["text"].split()
+    lines = [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])] if len(words) > 1 else words
+    fs = h * 0.3
+    room = w - 2 * ex - _s(size, 10)
+    while fs > 8 and max(_font(fs).getlength(s) for s in lines) > room:
+        fs *= 0.9
+    x0 = 2 * ex + _s(size, 4)
+    for i, line in enumerate(lines):
+        y = h / 2 + (i - (len(lines) - 1) / 2) * fs * 1.1
+        d.text((x0, y), line, fill=ink, font=_font(fs), anchor="lm")
+    d.rectangle([0, h - _s(size, 8), w, h], fill=ink)
+    return img
+
+
+def _render_scene_novel(attrs: dict, size: int, r: random.Random, nrng: np.random.Generator) -> Image.Image:
+    w, h = _canvas_size("scene", size)
+    top, bottom = _NOVEL_SKY[attrs["sky"]]
+    img = Image.fromarray(_gradient(w, h, top, bottom).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    base = r.uniform(0.55, 0.7) * h
+    land = attrs["land"]
+    if land == "mountains":
+        x = -r.uniform(0, 0.2) * w
+        while x < w:
+            pw, ph = r.uniform(0.2, 0.4) * w, r.uniform(0.25, 0.45) * h
+            peak = (x + pw / 2, base - ph)
+            d.polygon([(x, base), peak, (x + pw, base)], fill=(85, 80, 95))
+            d.polygon([peak, (peak[0] - pw * 0.12, peak[1] + ph * 0.25), (peak[0] + pw * 0.12, peak[1] + ph * 0.25)],
+                      fill=(245, 245, 250))
+            x += pw * r.uniform(0.55, 0.8)
+        d.rectangle([0, base, w, h], fill=(60, 90, 80))
+    elif land == "lake":
+        d.rectangle([0, base, w, h], fill=(40, 70, 120))
+        for y in np.arange(base + 3, h, max(3, h // 40)):
+            x0 = r.uniform(0, w * 0.8)
+            d.line([(x0, y), (x0 + r.uniform(0.05, 0.2) * w, y)], fill=(150, 180, 215), width=1)
+    else:
+        xs = np.arange(w, dtype=np.float32)
+        dune = base + 0.04 * h * np.sin(xs / w * math.pi * r.uniform(2, 5) + r.uniform(0, 6))
+        arr = np.asarray(img).copy()
+        sand = np.array((215, 170, 100), np.float32) * (1 + 0.08 * _noise(w, h, nrng))[..., None]
+        arr = np.where((np.arange(h)[:, None] > dune[None, :])[..., None], sand, arr)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(r.randint(1, 3)):
+            cx, ch = r.uniform(0.1, 0.9) * w, r.uniform(0.12, 0.2) * h
+            cw = max(2, int(ch * 0.2))
+            d.line([(cx, base + 0.05 * h), (cx, base + 0.05 * h - ch)], fill=(40, 110, 50), width=cw)
+            d.line([(cx - ch * 0.3, base - ch * 0.3), (cx + ch * 0.3, base - ch * 0.5)], fill=(40, 110, 50), width=cw)
+    mx, my, mr = r.uniform(0.1, 0.9) * w, r.uniform(0.08, 0.2) * h, r.uniform(0.03, 0.05) * w
+    d.ellipse([mx - mr, my - mr, mx + mr, my + mr], fill=(235, 235, 245))
+    figs = attrs["figures"]
+    for i, kind in enumerate(figs):
+        x = w * (0.2 + 0.6 * (i + 0.5) / len(figs)) + r.uniform(-0.04, 0.04) * w
+        _silhouette(d, x, min(h - 2, base + r.uniform(0.1, 0.25) * h), r.uniform(0.16, 0.22) * h, kind, (25, 22, 28))
+    return img
+
+
+def _render_people_novel(attrs: dict, size: int, r: random.Random, nrng: np.random.Generator) -> Image.Image:
+    w, h = _canvas_size("people", size)
+    setting = attrs["setting"]
+    split = int(r.uniform(0.45, 0.6) * h)
+    if setting == "street":
+        arr = np.empty((h, w, 3), np.float32)
+        arr[:split] = (150, 60, 45)
+        arr[split:] = np.array((120, 120, 125), np.float32) * (1 + 0.05 * _noise(w, h - split, nrng))[..., None]
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        bh, bw = max(3, h // 20), max(6, w // 10)
+        for row, y in enumerate(range(0, split, bh)):
+            off = (bw // 2) * (row % 2)
+            for x in range(-off, w, bw):
+                d.rectangle([x, y, x + bw - 1, y + bh - 1], outline=(210, 200, 190), width=1)
+    else:
+        sky = (200, 225, 240) if setting == "snow" else (130, 190, 240)
+        ground = (245, 248, 252) if setting == "snow" else (70, 150, 60)
+        arr = _gradient(w, h, sky, (235, 240, 245))
+        arr[split:] = np.array(ground, np.float32) * (1 + 0.05 * _noise(w, h - split, nrng))[..., None]
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(r.randint(2, 4)):
+            tx, th = r.uniform(0, w), r.uniform(0.25, 0.4) * h
+            if setting == "snow":
+                d.polygon([(tx, split - th), (tx - th * 0.3, split), (tx + th * 0.3, split)], fill=(25, 70, 45))
+            else:
+                d.rectangle([tx - th * 0.05, split - th * 0.5, tx + th * 0.05, split], fill=(90, 60, 35))
+                d.ellipse([tx - th * 0.3, split - th, tx + th * 0.3, split - th * 0.4], fill=(40, 120, 50))
+    figs = attrs["figures"]
+    for i, kind in enumerate(figs):
+        x = w * (0.15 + 0.7 * (i + 0.5) / len(figs)) + r.uniform(-0.04, 0.04) * w
+        _figure(d, x, h * r.uniform(0.88, 0.96), h * r.uniform(0.45, 0.6) / (1 + 0.15 * (len(figs) - 1)), kind, r)
+    return img
+
+
+_NOVEL_RENDERERS = {"clock": _render_clock_novel, "shapes": _render_shapes_novel, "banner": _render_banner_novel}
+
+
 def render_image(row: dict[str, Any], size: int) -> tuple[Image.Image, int]:
     """The image of one plan row (before corruption) and the JPEG quality it is saved with."""
     seed = row["seed"]
     r = random.Random(seed)
     family = row["family"]
-    if family in _RENDERERS:
+    if row["attrs"].get("novel"):
+        if family in _NOVEL_RENDERERS:
+            img = _NOVEL_RENDERERS[family](row["attrs"], size, r)
+        else:
+            nrng = np.random.default_rng(seed)
+            img = (_render_scene_novel if family == "scene" else _render_people_novel)(row["attrs"], size, r, nrng)
+    elif family in _RENDERERS:
         img = _RENDERERS[family](row["attrs"], size, r)
     else:
         nrng = np.random.default_rng(seed)
@@ -894,6 +1155,32 @@ def _plan_shards(shard_ids: list[int], per_shard: int, rng: np.random.Generator,
     return rows
 
 
+def copy_transforms(r: random.Random) -> list[tuple[str, Any]]:
+    """The perturbation of a planted copy in the generated set: JPEG quality 40-80 plus two of a crop to
+    70-90% of the area, a resize by 0.5-0.9 and a colour shift of up to +-30 per channel (harsher than
+    the near-duplicate transforms inside the training set)."""
+    transforms: list[tuple[str, Any]] = [("jpeg", r.randint(40, 80))]
+    for name in r.sample(["crop", "resize", "colour"], 2):
+        if name == "crop":
+            transforms.append(("crop", (round(r.uniform(0.7, 0.9), 3), round(r.uniform(0.9, 1.1), 3),
+                                        round(r.random(), 3), round(r.random(), 3))))
+        elif name == "resize":
+            transforms.append(("resize", round(r.uniform(0.5, 0.9), 3)))
+        else:
+            transforms.append(("colour", tuple(r.randint(-30, 30) for _ in range(3))))
+    return transforms
+
+
+def perturbed_copy(image: Image.Image, r: random.Random) -> bytes:
+    """JPEG bytes of ``image`` perturbed like a planted copy (:func:`copy_transforms`); used to calibrate
+    the regurgitation audit on images that are not the demo corpus."""
+    transforms = copy_transforms(r)
+    img, quality = _apply_transforms(image.convert("RGB"), transforms, 90, r.randrange(2**31 - 8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def _plan(shards: int, per_shard: int, seed: int, drift_shard: bool, generated: int) -> tuple[list[dict], list[dict]]:
     base_ss, drift_ss, gen_ss = np.random.SeedSequence(seed).spawn(3)
     rows = _plan_shards(list(range(shards)), per_shard, np.random.default_rng(base_ss), drifted=False)
@@ -907,15 +1194,7 @@ def _plan(shards: int, per_shard: int, seed: int, drift_shard: bool, generated: 
     for pos, kind in enumerate(kinds):
         if kind == "copy":
             src = r.choice(sources)
-            transforms: list[tuple[str, Any]] = [("jpeg", r.randint(40, 80))]
-            for name in r.sample(["crop", "resize", "colour"], 2):
-                if name == "crop":
-                    transforms.append(("crop", (round(r.uniform(0.7, 0.9), 3), round(r.uniform(0.9, 1.1), 3),
-                                                round(r.random(), 3), round(r.random(), 3))))
-                elif name == "resize":
-                    transforms.append(("resize", round(r.uniform(0.5, 0.9), 3)))
-                else:
-                    transforms.append(("colour", tuple(r.randint(-30, 30) for _ in range(3))))
+            transforms = copy_transforms(r)
             row = dict(src)
             row.update(shard="00000", key=_key(0, pos), uid=f"00000/{_key(0, pos)}",
                        transforms=src["transforms"] + transforms, kind="copy", source_uid=src["uid"],
@@ -925,7 +1204,9 @@ def _plan(shards: int, per_shard: int, seed: int, drift_shard: bool, generated: 
             mix = GENDER_MIX[family]
             gender = r.choices(list(mix), weights=list(mix.values()))[0]
             row = _new_row(0, pos, family, "plain", gender, r)
-            row.update(kind="novel", source_uid=None, transform=None)
+            attrs = _novel_attrs(family, gender, r)
+            row.update(attrs=attrs, caption=_novel_caption(family, gender, attrs, row["variant"]), kind="novel",
+                       source_uid=None, transform=None)
         gen.append(row)
     return rows, gen
 

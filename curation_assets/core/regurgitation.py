@@ -1,9 +1,17 @@
 """Regurgitation audit: does a generative model reproduce its training images?
 
-Every generated image is embedded with the encoder that embedded the training set and searched against the
-whole training set. A generated image whose nearest training image is at least ``threshold`` similar is
-*flagged* as a likely copy; the regurgitation rate is the flagged share of generated images, reported with
+Every generated image is embedded with the encoder that embedded the training set (together with
+colour-shifted variants of it, :func:`encode_queries`) and searched against the whole training set.
+Retrieval, then verification, as in copy detection: a training image among the ``k`` nearest at or above
+the *candidate* cosine is a candidate, and pixel verification (:func:`verification_score`, the generated
+image found again inside the training image) confirms it; a generated image with a confirmed candidate is
+*flagged* as a likely copy. The regurgitation rate is the flagged share of generated images, reported with
 a Wilson interval.
+
+The candidate cosine is the audit's own, per encoder (``configs/audits.yaml`` ``thresholds``), not the
+dedup threshold: a model's copies are harsher than the near-duplicates inside a crawl (crops to 70% of
+the area, JPEG 40, colour casts). :func:`calibrate_candidate_threshold` sets it on synthetic copies of
+synthetic scenes (:func:`copy_pairs`), never on audited data.
 
 Search is exact (faiss ``IndexFlatIP``) up to ``flat_max`` training vectors. Beyond that an approximate
 index (HNSW or IVF) keeps the audit tractable at 10^8-10^9 vectors, and its quality is never assumed: a
@@ -194,6 +202,67 @@ def search(xb: np.ndarray, xq: np.ndarray, k: int, config: IndexConfig | None = 
     return result
 
 
+def colour_shift_grid(shifts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Every per-channel offset ``(r, g, b)`` with each component in ``shifts``; (0, 0, 0) always first."""
+    import itertools
+
+    values = sorted({int(v) for v in shifts} | {0}, key=lambda v: (v != 0, v))
+    return list(itertools.product(values, repeat=3))
+
+
+def encode_queries(encoder, blobs: Sequence[bytes], shifts: Sequence[int] = (0,)) -> tuple[np.ndarray, int]:
+    """Embed generated images together with colour-shifted variants of each (query-side augmentation).
+
+    A weight-free encoder reads colour layout, so a copy with a uniform colour cast (a generator's
+    palette drift) can land far from its source. Searching each generated image also with every offset
+    in :func:`colour_shift_grid` (``len(shifts) ** 3`` variants, the original first) and keeping the
+    best similarity per training image undoes a cast to within half a grid step. Only the (few)
+    generated images are re-encoded; the training embeddings are used as stored. Returns the
+    ``(n * v, d)`` matrix, variants of one image contiguous, and ``v``."""
+    import io
+
+    from PIL import Image
+
+    grid = colour_shift_grid(shifts)
+    plain = encoder.encode_bytes(list(blobs))  # the originals exactly as the training set was encoded
+    if len(grid) == 1 or len(blobs) == 0:
+        return plain, 1
+    out = np.empty((len(blobs) * len(grid), plain.shape[1]), np.float32)
+    for i, data in enumerate(blobs):
+        image = Image.open(io.BytesIO(data))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        base = np.asarray(image.convert("RGB"), dtype=np.int16)
+        variants = [Image.fromarray(np.clip(base + np.array(off, np.int16), 0, 255).astype(np.uint8)) for off in grid[1:]]
+        out[i * len(grid)] = plain[i]
+        out[i * len(grid) + 1:(i + 1) * len(grid)] = encoder.encode_images(variants)
+    return out, len(grid)
+
+
+def merge_variants(result: SearchResult, variants: int) -> SearchResult:
+    """Collapse the neighbour lists of ``variants`` consecutive query rows (one generated image) into one:
+    the best similarity per training row, top ``k`` again."""
+    if variants == 1:
+        return result
+    n = result.indices.shape[0] // variants
+    k = result.indices.shape[1]
+    sims = np.full((n, k), -np.inf, np.float32)
+    idx = np.full((n, k), -1, np.int64)
+    for q in range(n):
+        s = result.similarities[q * variants:(q + 1) * variants].reshape(-1)
+        i = result.indices[q * variants:(q + 1) * variants].reshape(-1)
+        order = np.argsort(-s, kind="stable")
+        _, first = np.unique(i[order], return_index=True)
+        keep = order[np.sort(first)]
+        keep = keep[i[keep] >= 0][:k]
+        sims[q, :len(keep)], idx[q, :len(keep)] = s[keep], i[keep]
+    out = SearchResult(sims, idx, result.index_kind, result.n_train, result.recall_at_k, result.flag_recall,
+                       result.recall_queries, dict(result.params, query_variants=variants))
+    return out
+
+
 def measure_recall(xb: np.ndarray, xq: np.ndarray, approx_idx: np.ndarray, approx_sims: np.ndarray, k: int,
                    config: IndexConfig, threshold: float | None) -> tuple[float, float | None, int]:
     """(recall@k, flag recall or None when no exact match reaches the threshold, queries measured), against
@@ -337,6 +406,80 @@ def calibrate_verification(n: int = 300, quantile: float = 0.05, seed: int = 7, 
     return {"n": n, "quantile": quantile, "threshold": float(np.quantile(pos, quantile)),
             "positive": {"min": float(np.min(pos)), "median": float(np.median(pos))},
             "negative": {"median": float(np.median(neg)), "max": float(np.max(neg))}}
+
+
+# --------------------------------------------------------------------------- candidate threshold
+
+
+CALIBRATION_SEED = 1009
+"""Seed of the synthetic calibration scenes: neither the encoder's whitening set nor any demo corpus."""
+
+
+def copy_pairs(n: int = 400, seed: int = CALIBRATION_SEED, size: int = 256) -> tuple[list[bytes], list[bytes], list[str]]:
+    """Calibration pairs for the audit, built from synthetic scenes that are not audited data
+    (:func:`curation_assets.core.perceptual.reference_images` with their own seed). Each scene yields
+    two copies: one made with the perceptual encoder's near-duplicate transforms (crop >= 80%, resize,
+    brightness, contrast, stamp, JPEG 30-95) and one with the demo generator's harsher copy
+    perturbation (:func:`curation_assets.core.demo_corpus.copy_transforms`: JPEG 40-80 plus two of crop
+    to 70-90% of the area, resize 0.5-0.9, colour shift). Returns (originals, copies, kinds) with
+    ``originals[i]`` the JPEG the ``i``-th copy was made from, kind "encoder" or "generator"."""
+    import io
+    import random
+
+    from curation_assets.core.demo_corpus import perturbed_copy
+    from curation_assets.core.perceptual import near_duplicate, reference_images
+
+    rng = np.random.default_rng(seed)
+    r = random.Random(seed)
+    originals, copies, kinds = [], [], []
+    for image in reference_images(n, seed=seed, size=size):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="JPEG", quality=90)
+        src = buf.getvalue()
+        dup = near_duplicate(image, rng).convert("RGB")
+        buf = io.BytesIO()
+        dup.save(buf, format="JPEG", quality=95)
+        originals += [src, src]
+        copies += [buf.getvalue(), perturbed_copy(image, r)]
+        kinds += ["encoder", "generator"]
+    return originals, copies, kinds
+
+
+def calibrate_candidate_threshold(encoder, n: int = 400, quantile: float = 0.01, seed: int = CALIBRATION_SEED,
+                                  k: int = 20, verify: VerifyConfig | None = None, shifts: Sequence[int] = (0,)) -> dict:
+    """The audit's candidate cosine for ``encoder``: the ``quantile`` of the similarities between
+    calibration copies and their originals (:func:`copy_pairs`), so that ``1 - quantile`` of such copies
+    reach it. Nothing audited is used. Also reported: the copies' similarity quantiles per kind, how
+    many candidates a distinct image brings (each copy searched against all ``n`` originals: the mean
+    number of other originals in its top ``k`` at or above the threshold) and, when ``verify`` is given,
+    the share of copies that the pixel verification confirms. ``shifts``: the audit's query-side colour
+    shifts (:func:`encode_queries`); a copy's similarity is then its best variant's, as in the audit."""
+    originals, copies, kinds = copy_pairs(n, seed)
+    uniq = originals[::2]
+    xo = encoder.encode_bytes(uniq)
+    xv, v = encode_queries(encoder, copies, shifts)
+    own = np.repeat(np.arange(len(uniq)), 2)
+    sims = (xv @ xo.T).reshape(len(copies), v, len(uniq)).max(axis=1)
+    pos = sims[np.arange(len(copies)), own]
+    threshold = float(np.quantile(pos, quantile))
+    sims[np.arange(len(copies)), own] = -np.inf
+    top = -np.sort(-sims, axis=1)[:, : max(1, min(k, len(uniq) - 1))]
+    kinds_arr = np.asarray(kinds)
+    out = {
+        "encoder": getattr(encoder, "name", type(encoder).__name__), "n_scenes": len(uniq), "seed": seed,
+        "query_variants": v,
+        "quantile": quantile, "threshold": round(threshold, 4),
+        "copy_similarity": {kind: {q: round(float(np.quantile(pos[kinds_arr == kind], p)), 4)
+                                   for q, p in (("min", 0.0), ("p01", 0.01), ("p05", 0.05), ("median", 0.5))}
+                            for kind in ("encoder", "generator")},
+        "recall_at_threshold": {kind: float((pos[kinds_arr == kind] >= threshold).mean()) for kind in ("encoder", "generator")},
+        "distinct_best_similarity_p99": round(float(np.quantile(top[:, 0], 0.99)), 4),
+        "distinct_candidates_per_query": float((top >= threshold).sum(axis=1).mean()),
+    }
+    if verify is not None:
+        scores = np.array([verification_score(c, originals[i], verify) for i, c in enumerate(copies)])
+        out["verified"] = {kind: float((scores[kinds_arr == kind] >= verify.threshold).mean()) for kind in ("encoder", "generator")}
+    return out
 
 
 # --------------------------------------------------------------------------- the audit table
