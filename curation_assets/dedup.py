@@ -33,8 +33,12 @@ import numpy as np
 import polars as pl
 
 from curation_assets.core import dedup as core
+from curation_assets.core import dedup_verify as verify_core
+from curation_assets.core.dedup_verify import VerifySettings
+from curation_assets.core.shards import read_images
 from curation_assets.partitions import N_CLUSTERINGS, clustering_partitions, partition_keys, shard_backfill_policy, shard_partitions
 from resources.settings import CurationSettings
+from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
 
@@ -274,7 +278,36 @@ def _labels_matrix(storage: DeltaStorage, ids: pl.DataFrame, versions: dict[str,
 
 
 PAIRS_SCHEMA = {"uid_a": pl.String, "uid_b": pl.String, "similarity": pl.Float32,
-                "clusterings": pl.List(pl.Int8), "n_clusterings": pl.Int8}
+                "clusterings": pl.List(pl.Int8), "n_clusterings": pl.Int8,
+                "verification": pl.Float32, "colour_residual": pl.Float32, "verified": pl.Boolean}
+
+
+def _candidate_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: list[str]) -> dict[str, bytes]:
+    """The encoded image of each uid, read back from its tar (one streaming pass per shard)."""
+    members = (storage.scan("samples").select("uid", "shard", "image_member")
+               .filter(pl.col("uid").is_in(uids)).collect())
+    out: dict[str, bytes] = {}
+    for (shard,), part in members.group_by(["shard"], maintain_order=True):
+        blobs = read_images(shard_source.get(shard).tar, [m for m in part["image_member"].to_list() if m])
+        for uid, member in part.select("uid", "image_member").iter_rows():
+            if member in blobs:
+                out[uid] = blobs[member]
+    return out
+
+
+def verify_candidates(pairs: pl.DataFrame, blobs: dict[str, bytes], cfg: VerifySettings) -> pl.DataFrame:
+    """Stage 2: fill ``verification`` (structure score), ``colour_residual`` and ``verified`` for every
+    candidate pair from the two images' pixels; a pair whose image cannot be read back is not verified."""
+    todo = [(blobs.get(a), blobs.get(b)) for a, b in pairs.select("uid_a", "uid_b").iter_rows()]
+    readable = [i for i, (a, b) in enumerate(todo) if a is not None and b is not None]
+    results = verify_core.verify_pairs([todo[i] for i in readable], cfg)
+    structure = np.full(pairs.height, -1.0, np.float32)
+    colour = np.full(pairs.height, 255.0, np.float32)
+    for i, r in zip(readable, results):
+        structure[i], colour[i] = r.structure, r.colour_residual
+    return pairs.with_columns(
+        verification=pl.Series(structure, dtype=pl.Float32), colour_residual=pl.Series(colour, dtype=pl.Float32),
+        verified=pl.Series((structure >= cfg.structure_threshold) & (colour <= cfg.colour_threshold), dtype=pl.Boolean))
 
 
 @dg.asset(
@@ -283,11 +316,17 @@ PAIRS_SCHEMA = {"uid_a": pl.String, "uid_b": pl.String, "similarity": pl.Float32
           dg.AssetDep("image_embeddings", partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "deltalake"},
 )
-def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage,
-                    settings: CurationSettings) -> dg.MaterializeResult:
-    """Every pair of embeddings with cosine >= the dedup threshold that shares a cluster in at least one of
-    the five clusterings; each pair once (uid_a < uid_b) with its similarity and the clusterings that found it.
-    Within a cluster the search is exact and blocked (row_block x col_block similarities at a time)."""
+def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
+                    shard_source: ShardSource) -> dg.MaterializeResult:
+    """Candidate and verified duplicate pairs, in two stages.
+
+    Stage 1: every pair of embeddings with cosine >= the dedup threshold that shares a cluster in at least one
+    of the five clusterings; each pair once (uid_a < uid_b) with its similarity and the clusterings that found
+    it. Within a cluster the search is exact and blocked (row_block x col_block similarities at a time).
+    Stage 2 (``verify``, on by default for perceptual encoders): both images of every candidate are read back
+    from the tars and compared on pixels (:mod:`curation_assets.core.dedup_verify`); ``verification`` and
+    ``colour_residual`` hold the scores and ``verified`` the verdict. Only verified pairs form groups; with
+    verification off every candidate counts as verified (scores null)."""
     cfg = dedup_settings(settings)
     started = time.perf_counter()
     ids, x = _load_matrix(storage)
@@ -318,14 +357,41 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage,
         "similarity": pl.Series(sim, dtype=pl.Float32),
         "clusterings": pl.Series(core.mask_to_list(mask, N_CLUSTERINGS), dtype=pl.List(pl.Int8)),
         "n_clusterings": pl.Series([bin(int(m)).count("1") for m in mask.tolist()], dtype=pl.Int8),
-    }, schema=PAIRS_SCHEMA).sort(["uid_a", "uid_b"])
+    }, schema={k: v for k, v in PAIRS_SCHEMA.items() if k not in ("verification", "colour_residual", "verified")}
+    ).sort(["uid_a", "uid_b"])
+    vcfg = cfg.verification
+    verify_meta: dict = {"verification": "off"}
+    if vcfg.active(encoder) and pairs.height:
+        t = time.perf_counter()
+        uids_needed = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().to_list()
+        blobs = _candidate_bytes(storage, shard_source, uids_needed)
+        read_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        pairs = verify_candidates(pairs, blobs, vcfg)
+        verify_seconds = time.perf_counter() - t
+        n_ok = int(pairs["verified"].sum())
+        context.log.info(f"verified {n_ok} of {pairs.height} candidate pairs on pixels in {verify_seconds:.1f}s")
+        verify_meta = {
+            "verification": "on", "verified_pairs": n_ok, "rejected_pairs": pairs.height - n_ok,
+            "unreadable_images": len(uids_needed) - len(blobs),
+            "structure_threshold": dg.MetadataValue.float(vcfg.structure_threshold),
+            "colour_threshold": dg.MetadataValue.float(vcfg.colour_threshold),
+            "image_read_seconds": dg.MetadataValue.float(read_seconds),
+            "verify_seconds": dg.MetadataValue.float(verify_seconds),
+            "pairs_verified_per_second": dg.MetadataValue.float(pairs.height / max(verify_seconds, 1e-9)),
+        }
+    else:
+        pairs = pairs.with_columns(verification=pl.lit(None, pl.Float32), colour_residual=pl.lit(None, pl.Float32),
+                                   verified=pl.lit(True))
+        verify_meta["verified_pairs"] = pairs.height
+    pairs = pairs.cast(PAIRS_SCHEMA)
     storage.write_table("duplicate_pairs", pairs)
     seconds = time.perf_counter() - started
     only_one = int((pairs["n_clusterings"] == 1).sum()) if pairs.height else 0
     per = pl.DataFrame({"clustering": list(range(1, N_CLUSTERINGS + 1)), "pairs": per_clustering})
     return dg.MaterializeResult(metadata={
         "embeddings": len(ids), "encoder": encoder, "threshold": dg.MetadataValue.float(threshold),
-        "pairs": pairs.height, "pairs_found_by_one_clustering_only": only_one,
+        "candidate_pairs": pairs.height, "pairs_found_by_one_clustering_only": only_one, **verify_meta,
         "pairs_per_clustering": dg.MetadataValue.md(_md_table(per)),
         "largest_cluster": stats.largest_cluster,
         "dot_products_vs_all_pairs": dg.MetadataValue.float(stats.dot_products / max(1, len(ids) * (len(ids) - 1) / 2)),
@@ -361,7 +427,9 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
     ``representative.order`` (default: highest resolution, then lowest max safety score when safety_scores
     exists, then smallest uid)."""
     cfg = dedup_settings(settings)
-    pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b"])
+    pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "verified"])
+    candidates = pairs.height
+    pairs = pairs.filter(pl.col("verified"))
     nodes = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().sort()
     index = {uid: i for i, uid in enumerate(nodes.to_list())}
     a = np.array([index[u] for u in pairs["uid_a"].to_list()], dtype=np.int64)
@@ -392,6 +460,7 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
         ax.set_ylabel("groups")
         hist = _md_png(_png(fig), "group sizes")
     return dg.MaterializeResult(metadata={
+        "candidate_pairs": candidates, "verified_pairs_used": pairs.height,
         "groups": int(sizes.len()), "grouped_samples": out.height,
         "duplicates_removed": int(out.height - sizes.len()),
         "largest_group": int(sizes.max()) if sizes.len() else 0,
@@ -575,8 +644,9 @@ def planted_pair_scores(groups: pl.DataFrame, truth: pl.DataFrame) -> dict[str, 
 
 
 def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
-    """Planted near-duplicate pair recall and precision against ground_truth.parquet, fraction removed,
-    and the measured recall curve over 1..5 clusterings."""
+    """Candidate / verified / rejected pair counts, how the near-miss clocks fared, planted near-duplicate pair
+    recall and precision of the groups (built from verified pairs) against ground_truth.parquet, fraction
+    removed, and the measured recall curve of the candidate search over 1..5 clusterings."""
     if not storage.exists("deduplicated_samples"):
         return ["dedup: deduplicated_samples not materialised"]
     truth = pl.read_parquet(Path(corpus_dir) / "ground_truth.parquet")
@@ -587,7 +657,17 @@ def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
     out = storage.read("deduplicated_samples")
     ok = out.filter(pl.col("status") != "rejected").height
     removed = int((out["status"] == "duplicate").sum())
+    pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "verified"])
+    near = (truth.filter(pl.col("near_miss_of").is_not_null()).select("uid", "near_miss_of")
+            if "near_miss_of" in truth.columns else pl.DataFrame(schema={"uid": pl.String, "near_miss_of": pl.String}))
+    near = near.select(pl.min_horizontal("uid", "near_miss_of").alias("uid_a"),
+                       pl.max_horizontal("uid", "near_miss_of").alias("uid_b"))
+    near_cand = pairs.join(near, on=["uid_a", "uid_b"], how="semi")
     lines = [
+        f"candidate pairs (embedding search): {pairs.height}, verified on pixels: {int(pairs['verified'].sum())}, "
+        f"rejected: {pairs.height - int(pairs['verified'].sum())}",
+        f"near-miss clocks (same clock, other time): {near.height} pairs, {near_cand.height} candidates, "
+        f"{int(near_cand['verified'].sum())} verified",
         f"planted duplicate pairs: {s['planted_pairs']}, predicted pairs: {s['predicted_pairs']}",
         f"pair recall {s['recall']:.4f} (required >= 0.95) {'OK' if s['recall'] >= 0.95 else 'BELOW'}; "
         f"pair precision {s['precision']:.4f} (required >= 0.98) {'OK' if s['precision'] >= 0.98 else 'BELOW'}",

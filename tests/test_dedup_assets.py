@@ -99,3 +99,33 @@ def test_demo_summary(deduped):
     lines = demo_summary(deduped.storage, deduped.corpus)
     text = "\n".join(lines)
     assert "pair recall" in text and "pair precision" in text and "removed as duplicates" in text
+
+
+def test_pairs_verified_on_pixels_and_groups_use_verified_only(deduped):
+    storage = deduped.storage
+    pairs = storage.read("duplicate_pairs")
+    assert {"verification", "colour_residual", "verified"} <= set(pairs.columns)
+    # perceptual encoder: verification is on by default, every candidate got scores
+    assert pairs["verification"].null_count() == 0 and pairs["colour_residual"].null_count() == 0
+    assert (pairs["verification"] > -1).all()  # every candidate image was read back from its tar
+    from curation_assets.core.dedup_verify import VerifySettings
+
+    cfg = VerifySettings()
+    expected = (pairs["verification"] >= cfg.structure_threshold) & (pairs["colour_residual"] <= cfg.colour_threshold)
+    assert (pairs["verified"] == expected).all()
+    groups = storage.read("dedup_groups")
+    from curation_assets.core.dedup import connected_components, group_frame
+
+    verified = pairs.filter("verified")
+    nodes = sorted(set(verified["uid_a"]) | set(verified["uid_b"]))
+    index = {u: i for i, u in enumerate(nodes)}
+    comp = connected_components(len(nodes), np.array([index[u] for u in verified["uid_a"]], np.int64),
+                                np.array([index[u] for u in verified["uid_b"]], np.int64))
+    assert set(groups["uid"]) == set(group_frame(nodes, comp)["uid"])
+    # against the fixture's planted groups: verification removes false candidates and keeps planted ones
+    truth = pl.read_parquet(deduped.corpus / "ground_truth.parquet").select("uid", "dup_group")
+    g = dict(zip(truth["uid"], truth["dup_group"]))
+    planted = np.array([g[a] is not None and g[a] == g[b] for a, b in pairs.select("uid_a", "uid_b").iter_rows()])
+    ok = pairs["verified"].to_numpy()
+    assert ok.sum() > 0 and planted[ok].mean() > planted.mean() + 0.2
+    assert planted[ok].sum() >= 0.9 * planted.sum()

@@ -55,12 +55,13 @@ class DedupSettings:
     recall_sample_size: int = 5000
     recall_seed: int = 1234
     recall_target: float = 0.95
+    verify: Any = None  # core.dedup_verify.VerifySettings; None = its defaults
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> "DedupSettings":
         """Validate a merged config section; raises ``ValueError`` naming the offending key."""
         section = dict(section or {})
-        known = {"threshold", "open_clip_threshold", "kmeans", "search", "representative", "recall"}
+        known = {"threshold", "open_clip_threshold", "kmeans", "search", "representative", "recall", "verify"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"dedup config: unknown keys {unknown}; known: {sorted(known)}")
@@ -111,7 +112,13 @@ class DedupSettings:
             recall_sample_size=_integer("recall.sample_size", rc.get("sample_size", defaults.recall_sample_size), 1),
             recall_seed=_integer("recall.seed", rc.get("seed", defaults.recall_seed), 0),
             recall_target=_number("recall.target", rc.get("target", defaults.recall_target), 0.0, 1.0),
+            verify=_verify_settings(section.get("verify")),
         )
+
+    @property
+    def verification(self):
+        """The stage-2 pixel verification settings (:class:`curation_assets.core.dedup_verify.VerifySettings`)."""
+        return self.verify if self.verify is not None else _verify_settings(None)
 
     def resolve_threshold(self, encoder_name: str | None) -> float:
         """The cosine threshold: the configured number, else the default of the encoder that made the embeddings
@@ -127,6 +134,14 @@ class DedupSettings:
             return self.open_clip_threshold
         raise ValueError(f"dedup: no default duplicate threshold for encoder {encoder_name!r}; "
                          "set dedup.threshold in the config")
+
+
+def _verify_settings(section: Any):
+    from curation_assets.core.dedup_verify import VerifySettings
+
+    if section is not None and not isinstance(section, dict):
+        raise ValueError("dedup config: 'verify' must be a mapping")
+    return VerifySettings.from_section(section)
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
