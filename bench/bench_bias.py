@@ -64,7 +64,9 @@ def bench_probe(n: int, d: int, families: int = 20, thinned: float = 0.3) -> dic
     return {"n": n, "d": d, "fit_seconds": seconds, "ratio_raw": float(raw),
             "filtered_change": float(filtered / raw - 1), "reweighted_change": float(reweighted / raw - 1),
             "effective_sample_fraction": result.effective_sample_size / len(w),
-            "heldout_accuracy": result.train_accuracy}
+            "heldout_accuracy": result.train_accuracy, "regularization": result.regularization,
+            "region_imbalance": {f"{k:g}": v for k, v in result.balance.items()},
+            "cv_log_loss": {f"{k:g}": v for k, v in result.cv_log_loss.items()}}
 
 
 def bench_drift(shards: int) -> dict:
@@ -94,7 +96,7 @@ def main() -> None:
     print(f"caption matching: {m['captions_per_s']:,.0f} captions/s ({m['captions']:,} captions)")
     print(f"reweighting probe: N={p['n']:,} d={p['d']} in {p['fit_seconds']:.1f}s; women/men ratio "
           f"filtered {100 * p['filtered_change']:+.1f}%, reweighted {100 * p['reweighted_change']:+.1f}% vs raw; "
-          f"ESS {100 * p['effective_sample_fraction']:.0f}%")
+          f"ESS {100 * p['effective_sample_fraction']:.0f}%; L2 penalty {p['regularization']:g} (selected by region balance)")
     print(f"drift rule: {d['shards']} shards judged in {d['seconds']:.2f}s, "
           f"{d['false_alerts_on_stationary_shards']} alerts on stationary shards")
 

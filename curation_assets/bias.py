@@ -70,7 +70,10 @@ class ClipSettings:
 
 @dataclass
 class ReweightSettings:
-    regularization: float = 0.0015
+    regularization: Optional[float] = None  # None / "auto": selected from regularization_grid
+    regularization_grid: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    selection: str = "balance"
+    balance_clusters: int = 16
     max_weight: float = 10.0
     max_train_per_class: int = 50_000
     seed: int = 0
@@ -106,9 +109,21 @@ class BiasSettings:
                 names = list(groups)
                 pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
             clip = ClipSettings(**dict(section.get("clip") or {}))
-            reweighting = ReweightSettings(**dict(section.get("reweighting") or {}))
-            if reweighting.regularization <= 0 or reweighting.max_weight <= 0:
+            rw_section = dict(section.get("reweighting") or {})
+            if rw_section.get("regularization") in ("auto", None):
+                rw_section["regularization"] = None
+            reweighting = ReweightSettings(**rw_section)
+            if reweighting.regularization is not None:
+                reweighting.regularization = float(reweighting.regularization)
+            reweighting.regularization_grid = [float(v) for v in reweighting.regularization_grid]
+            if (reweighting.regularization is not None and reweighting.regularization <= 0) or reweighting.max_weight <= 0:
                 raise ValueError("reweighting.regularization and reweighting.max_weight must be positive")
+            if not reweighting.regularization_grid or min(reweighting.regularization_grid) <= 0:
+                raise ValueError("reweighting.regularization_grid must be a non-empty list of positive penalties")
+            if reweighting.selection not in ("balance", "log_loss"):
+                raise ValueError(f"reweighting.selection must be balance or log_loss, got {reweighting.selection!r}")
+            if int(reweighting.balance_clusters) < 2:
+                raise ValueError("reweighting.balance_clusters must be at least 2")
             drift_section = dict(section.get("drift") or {})
             source = drift_section.pop("source", "caption")
             stage = drift_section.pop("stage", "raw")
@@ -480,17 +495,27 @@ def sample_weights(context: dg.AssetExecutionContext, storage: DeltaStorage,
         context.log.warning(f"{missing} embedded samples have no filter decision yet; they count as unfiltered only")
     is_kept = flags["kept"].fill_null(False).to_numpy()
     result = reweighting.fit_weights(x, is_kept, regularization=cfg.regularization, max_weight=cfg.max_weight,
-                                     max_train_per_class=cfg.max_train_per_class, seed=cfg.seed)
+                                     max_train_per_class=cfg.max_train_per_class, seed=cfg.seed,
+                                     regularization_grid=cfg.regularization_grid, selection=cfg.selection,
+                                     balance_clusters=cfg.balance_clusters)
     table = ids.filter(pl.Series(is_kept)).select("uid", "shard").with_columns(
         pl.Series("weight", result.weights, dtype=pl.Float64),
         pl.Series("p_unfiltered", result.probabilities, dtype=pl.Float64))
     storage.write_table(WEIGHTS, table, partition_by=["shard"])
     w = result.weights
     q = np.quantile(w, [0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0]) if len(w) else np.full(7, np.nan)
-    context.log.info(f"{len(w)} kept samples weighted; effective sample size {result.effective_sample_size:.0f}")
+    context.log.info(f"{len(w)} kept samples weighted; effective sample size {result.effective_sample_size:.0f}; "
+                     f"probe L2 penalty {result.regularization:g} ({'given' if cfg.regularization else cfg.selection})")
     metadata = {
         "unfiltered": dg.MetadataValue.int(len(ids)), "kept": dg.MetadataValue.int(int(is_kept.sum())),
-        "train_per_class": dg.MetadataValue.int(result.n_train_per_class),
+        "train_unfiltered": dg.MetadataValue.int(result.n_unfiltered),
+        "train_kept": dg.MetadataValue.int(result.n_kept),
+        "probe_regularization": dg.MetadataValue.float(result.regularization),
+        "regularization_selection": dg.MetadataValue.text("given" if cfg.regularization else cfg.selection),
+        "selection_scores": dg.MetadataValue.json({
+            f"{lam:g}": {"cv_log_loss": result.cv_log_loss.get(lam), "region_imbalance": result.balance.get(lam)}
+            for lam in sorted(set(result.cv_log_loss) | set(result.balance))}),
+        "platt_slope": dg.MetadataValue.float(result.calibration[0]),
         "probe_train_accuracy": dg.MetadataValue.float(result.train_accuracy),
         "effective_sample_size": dg.MetadataValue.float(result.effective_sample_size),
         "effective_sample_fraction": dg.MetadataValue.float(result.effective_sample_size / max(1, len(w))),

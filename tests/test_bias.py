@@ -1,7 +1,9 @@
 """The bias stage end to end through Dagster: ratios per stage, the reweighting fix, and the drift sensor.
 
-The safety filter is another stage; here ``filtered_samples`` is written from the demo corpus's ground
-truth (a perfect filter that removes every motif image), so these tests depend only on the foundation.
+Most tests write ``filtered_samples`` from the demo corpus's ground truth (a perfect filter that removes
+every motif image), so they depend only on the foundation; ``test_real_safety_filter_...`` runs the real
+safety stage (simulated annotator, one active-learning round, as ``make demo`` does) in front of the bias
+stage, with its false positives and misses.
 """
 
 import json
@@ -56,7 +58,7 @@ def drift_base(tmp_path_factory) -> tuple[Path, Path]:
     return corpus, root
 
 
-def drift_copy(tmp_path_factory, dest: Path, config: dict | None = None):
+def drift_copy(tmp_path_factory, dest: Path, config: dict | None = None, sections: dict | None = None):
     from curation_assets.demo import demo_config
     from curation_assets.pipeline import open_pipeline
 
@@ -67,6 +69,9 @@ def drift_copy(tmp_path_factory, dest: Path, config: dict | None = None):
         merged = yaml.safe_load(path.read_text()) or {}
         merged.setdefault("bias", {}).update(config)
         path.write_text(yaml.safe_dump(merged))
+    if sections:
+        merged = yaml.safe_load(path.read_text()) or {}
+        path.write_text(yaml.safe_dump({**merged, **sections}))
     pipeline = open_pipeline(dest, corpus, str(path), instance=dg.DagsterInstance.ephemeral())
     pipeline.register_all_shards()
     return corpus, pipeline
@@ -103,6 +108,38 @@ def test_filtering_shifts_ratio_and_reweighting_restores_it(reweighted):
         assert row["low"] < row["value"] < row["high"]
     lines = bias.demo_summary(reweighted.storage, reweighted.corpus)
     assert any("filtering shifts the ratio" in line and "yes" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def reweighted_real_filter(tmp_path_factory):
+    from curation_assets import safety
+    from tests.test_safety_e2e import SMALL_SAFETY  # recall target the ~100 positives per category can resolve
+
+    corpus, pipeline = drift_copy(tmp_path_factory, tmp_path_factory.mktemp("bias_real_filter") / "root",
+                                  sections={"safety": SMALL_SAFETY})
+    safety.demo_active_learning(lambda names: pipeline.materialize(names), pipeline.storage, pipeline.settings,
+                                corpus, rounds=1)
+    pipeline.materialize(["safety_scores", "filtered_samples", "sample_weights", "demographic_ratios"])
+    pipeline.corpus = corpus
+    return pipeline
+
+
+def test_real_safety_filter_shift_is_restored_by_reweighting(reweighted_real_filter):
+    """The acceptance with the real filter: its false positives (mostly hard negatives) and misses change
+    which images are kept, and the probe's penalty is selected without demographics (region balance)."""
+    storage = reweighted_real_filter.storage
+    raw, filtered, fixed = (_overall_ratio(storage, s) for s in ("raw", "filtered", "filtered_reweighted"))
+    kept = storage.read("filtered_samples", columns=["uid", "kept"])
+    truth = pl.read_parquet(reweighted_real_filter.corpus / "ground_truth.parquet").join(kept, on="uid")
+    removed = truth.filter(~pl.col("kept"))
+    print(f"real filter removed {removed.height} ({removed['category'].null_count()} clean); women/men raw "
+          f"{raw['value']:.3f} filtered {filtered['value']:.3f} reweighted {fixed['value']:.3f}")
+    assert filtered["value"] < raw["value"] * 0.95
+    assert abs(fixed["value"] / raw["value"] - 1) <= 0.03
+    md = reweighted_real_filter.instance.get_latest_materialization_event(
+        dg.AssetKey("sample_weights")).asset_materialization.metadata
+    assert md["regularization_selection"].value == "balance"
+    assert md["probe_regularization"].value in {float(k) for k in md["selection_scores"].value}
 
 
 def test_ratio_table_counts_reconcile_with_captions_and_truth(reweighted):
@@ -220,6 +257,8 @@ def test_bad_bias_config_is_a_clear_error():
                          ({"drift": {**base["drift"], "band": [1.2, 0.9]}}, "band"),
                          ({"drift": {**base["drift"], "stage": "final"}}, "drift.stage"),
                          ({"reweighting": {"C": 1}}, "bias config"),
+                         ({"reweighting": {**base["reweighting"], "selection": "accuracy"}}, "selection"),
+                         ({"reweighting": {**base["reweighting"], "regularization_grid": []}}, "regularization_grid"),
                          ({"colour": 1}, "unknown keys")]:
         with pytest.raises(ValueError, match=message):
             bias.BiasSettings.from_section({**base, **bad})

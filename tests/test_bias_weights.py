@@ -31,13 +31,14 @@ def test_probe_recovers_known_density_ratio():
     rng = np.random.default_rng(0)
     a, b = _clusters(rng, 1000, 0), _clusters(rng, 1000, 1)
     kept = np.r_[np.ones(500, bool), np.zeros(500, bool), np.ones(1000, bool)]
-    result = fit_weights(np.vstack([a, b]), kept, regularization=1.0, max_weight=10)
+    result = fit_weights(np.vstack([a, b]), kept, max_weight=10)   # penalty selected by region balance
+    assert result.regularization in result.balance and len(result.balance) > 1
     wa, wb = result.weights[:500], result.weights[500:]
     assert wa.mean() == pytest.approx(1.5, rel=0.03)
     assert wb.mean() == pytest.approx(0.75, rel=0.03)
     assert wa.sum() / (wa.sum() + wb.sum()) == pytest.approx(0.5, abs=0.01)
     assert result.weights.mean() == pytest.approx(1.0)
-    assert result.n_train_per_class == 1500
+    assert (result.n_unfiltered, result.n_kept) == (2000, 1500)
     # Kish ESS of 500 x 1.5 and 1000 x 0.75: 1500^2 / (500 * 2.25 + 1000 * 0.5625) = 1333.3
     assert result.effective_sample_size == pytest.approx(1333.3, rel=0.02)
 

@@ -1,7 +1,7 @@
 """OpenAI's fix for filter-induced bias: importance weights from a deliberately weak probe.
 
 A filter removes images unevenly (in DALL·E 2's data, more images of women than of men). Train a linear
-probe on equal-sized samples of the unfiltered set (label 1) and the filtered set (label 0); with balanced
+probe on the unfiltered set (label 1) and the filtered set (label 0) with equal class weights; with balanced
 classes its odds ``p / (1 - p)`` estimate the density ratio ``P(x | unfiltered) / P(x | filtered)``, i.e.
 how much the filter depleted the region of embedding space around ``x``. Each kept sample gets that ratio
 as its training weight, clipped at ``max_weight`` and normalised to mean 1 over the kept set, so weighted
@@ -16,11 +16,20 @@ class means: "this family lost members"), but it also shrinks every probability 
 weight towards 1. So the probe's direction comes from the strongly regularised fit and its scale from a
 one-dimensional logistic fit of the labels on the probe's scores (Platt scaling, two parameters): weak in
 what it can see, calibrated in how much it says.
+
+How weak: the L2 penalty is chosen per run without demographics or ground truth, by the balance the
+weights achieve: the weighted filtered set should restore the unfiltered set's shares of coarse regions of
+embedding space (k-means on the kept images, removed images assigned to their nearest kept region). This is
+the purpose of the weights, and the propensity-score literature selects models the same way. The held-out
+log-loss, the usual criterion for a classifier, is the wrong one here: it keeps improving as the probe
+grows strong enough to recognise the filter's own concept, which is exactly what the weights must not do
+(on the demo corpus it picks the smallest penalty of the grid and restores only ~40% of the shift).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -50,34 +59,138 @@ def weights_from_probabilities(p: np.ndarray, max_weight: float | None = None, e
     return w / w.mean()
 
 
+DEFAULT_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
 @dataclass
 class ProbeResult:
     weights: np.ndarray  # one per kept sample, mean 1
-    probabilities: np.ndarray  # P(unfiltered | x) for each kept sample
-    n_train_per_class: int
-    train_accuracy: float  # held-out when calibrated
+    probabilities: np.ndarray  # P(unfiltered | x) for each kept sample (balanced classes, held-out)
+    n_unfiltered: int  # training rows of the unfiltered class
+    n_kept: int  # training rows of the filtered (kept) class
+    train_accuracy: float  # held-out (balanced) accuracy when calibrated
     clipped_fraction: float
     effective_sample_size: float
     coef_norm: float
+    regularization: float  # the L2 penalty used (selected by cross-validated log-loss when not given)
+    cv_log_loss: dict[float, float] = field(default_factory=dict)  # balanced held-out log-loss per candidate
+    balance: dict[float, float] = field(default_factory=dict)  # coarse-region imbalance per candidate (selection)
+    calibration: tuple[float, float] = (float("nan"), float("nan"))  # Platt slope, intercept
 
 
-def fit_weights(x: np.ndarray, kept: np.ndarray, regularization: float = 0.0015, max_weight: float = 10.0,
+def _balanced(y: np.ndarray) -> np.ndarray:
+    """Sample weights that give both classes the same total weight (mean 1 overall)."""
+    n1, n0 = y.sum(), len(y) - y.sum()
+    return np.where(y == 1, len(y) / (2 * n1), len(y) / (2 * n0))
+
+
+SELECTIONS = ("balance", "log_loss")
+
+
+def coarse_regions(x: np.ndarray, kept: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Coarse regions of embedding space for the balance criterion: k-means (``k`` clusters) fitted on the
+    *kept* embeddings, every image (removed ones included) assigned to its nearest kept centroid. A removed
+    image thus counts for the region of kept images it most resembles (its family), the only regions a
+    reweighting of the kept set can restore."""
+    from sklearn.cluster import KMeans
+
+    kept = np.asarray(kept, dtype=bool)
+    k = max(1, min(int(k), int(kept.sum())))
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x[kept])
+    return km.predict(x)
+
+
+def region_imbalance(regions: np.ndarray, kept: np.ndarray, weights: np.ndarray) -> float:
+    """Total-variation distance between the region shares of the unfiltered set and the weighted region
+    shares of the kept set (0: the weights restore every coarse region's share)."""
+    k = int(regions.max()) + 1
+    unfiltered = np.bincount(regions, minlength=k) / len(regions)
+    weighted = np.bincount(regions[np.asarray(kept, bool)], weights=weights, minlength=k) / weights.sum()
+    return float(0.5 * np.abs(unfiltered - weighted).sum())
+
+
+def _row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _cross_fit(xt: np.ndarray, y: np.ndarray, sw: np.ndarray, folds: np.ndarray, n_folds: int,
+               regularization: float, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Out-of-fold probe scores of every training row, the scores of ``xq`` averaged over the fold
+    probes, and the mean coefficient norm."""
+    from sklearn.linear_model import LogisticRegression
+
+    held_out = np.empty(len(y))
+    query = np.zeros(len(xq))
+    norms = []
+    for k in range(n_folds):
+        train = folds != k
+        probe = LogisticRegression(C=_inverse_strength(regularization, int(train.sum())), max_iter=1000)
+        probe.fit(xt[train], y[train], sample_weight=sw[train])
+        held_out[~train] = probe.decision_function(xt[~train])
+        query += probe.decision_function(xq) / n_folds
+        norms.append(float(np.linalg.norm(probe.coef_)))
+    return held_out, query, float(np.mean(norms))
+
+
+def _platt(scores: np.ndarray, y: np.ndarray, sw: np.ndarray, alpha: float):
+    """Platt scaling of held-out scores, used only where they carry information: unless the slope is
+    positive and the likelihood-ratio test against the constant model (P = 0.5 with balanced classes)
+    rejects at level ``alpha``, the probe found no direction that generalises to held-out images and
+    the slope and intercept are set to 0 (uniform weights)."""
+    from scipy.stats import chi2
+    from sklearn.linear_model import LogisticRegression
+
+    scale = LogisticRegression(C=1e6, max_iter=1000).fit(scores[:, None], y, sample_weight=sw)
+    fitted = np.sum(sw * _row_log_loss(y, scale.predict_proba(scores[:, None])[:, 1]))
+    statistic = 2.0 * (np.log(2.0) * sw.sum() - fitted)
+    if scale.coef_[0, 0] <= 0 or chi2.sf(statistic, df=1) >= alpha:
+        scale.coef_[:] = 0.0
+        scale.intercept_[:] = 0.0
+    return scale
+
+
+def fit_weights(x: np.ndarray, kept: np.ndarray, regularization: float | None = None, max_weight: float = 10.0,
                 max_train_per_class: int = 50_000, seed: int = 0, calibrate: bool = True,
-                n_folds: int = 5) -> ProbeResult:
+                n_folds: int = 5, regularization_grid: Sequence[float] = DEFAULT_GRID,
+                selection: str = "balance", balance_clusters: int = 16, significance: float = 0.01) -> ProbeResult:
     """Fit the weak probe and weight every kept sample.
 
     ``x``: embeddings of the whole set before filtering (n x d); ``kept``: boolean mask of the samples
-    the filter kept. Weights come back for ``x[kept]`` in that order. ``regularization`` is the L2 penalty
-    per training sample, lambda in ``mean log-loss + lambda / 2 * |w|^2`` (larger is weaker), i.e.
-    scikit-learn's ``C = 1 / (lambda * n_train)``: the probe stays equally weak whatever the corpus size,
-    where a fixed ``C`` would let it grow strong enough on a large corpus to learn the filter itself. Both classes are
-    subsampled to the same size ``min(n, n_kept, max_train_per_class)`` with ``seed``; since the kept set
-    is part of the unfiltered set, the same image can be drawn into both classes.
+    the filter kept. Weights come back for ``x[kept]`` in that order.
+
+    Training set: every unfiltered image (label 1) and every kept image (label 0), each class subsampled
+    only beyond ``max_train_per_class`` (with ``seed``); the classes get equal total weight, so the odds
+    estimate ``P(x | unfiltered) / P(x | filtered)`` without drawing a random "equal-sized" subsample of
+    the unfiltered set (which would drop a random tenth of the unfiltered images, removed ones included,
+    and make the weights depend on the draw). Since the kept set is part of the unfiltered set, every kept
+    image is in both classes.
+
+    ``regularization`` is the L2 penalty per training sample, lambda in ``mean log-loss + lambda / 2 *
+    |w|^2`` (larger is weaker), i.e. scikit-learn's ``C = 1 / (lambda * n_train)``, so the probe stays
+    equally weak whatever the corpus size. ``None`` selects it from ``regularization_grid`` with a
+    criterion that needs no demographic labels and no ground truth, computed on the cross-fitted weights:
+
+    - ``selection="balance"`` (default): the candidate whose weights best restore the unfiltered set's
+      shares of ``balance_clusters`` coarse regions of embedding space (:func:`coarse_regions`,
+      :func:`region_imbalance`), i.e. choose the propensity model by the balance it achieves, the
+      purpose of the weights, not by how well it predicts.
+    - ``selection="log_loss"``: the candidate with the lowest held-out (balanced, Platt-calibrated)
+      log-loss. Kept for diagnosis: the best *predictor* of unfiltered vs filtered is a strong probe that
+      learns the filter's own concept and then leaves the survivors of a thinned-out family at weight 1
+      (on the demo it picks the grid's smallest penalty, 1e-5, and leaves -5.3% of a -8.9% shift).
+
+    Ties within 1e-4 go to the stronger penalty (the weaker probe). ``cv_log_loss`` and ``balance``
+    report every candidate's score.
 
     ``calibrate`` rescales the probe's scores with Platt scaling (see the module docstring), cross-fitted
     over ``n_folds`` folds that split by image, so a held-out image's twin in the other class is never in
-    the training folds; ``train_accuracy`` is then the held-out accuracy. Without it the raw probabilities
-    of the regularised fit are used.
+    the training folds; kept images are scored by the average of the fold probes (an image sits in both
+    classes, so training on it does not push its own score), and ``train_accuracy`` is the held-out
+    balanced accuracy. Held-out scores that do not predict unfiltered vs filtered significantly (likelihood-
+    ratio test at level ``significance``) give uniform weights: a filter that removed images at random
+    leaves nothing to correct. Without ``calibrate`` a single probe on all rows gives the raw probabilities of the regularised fit (``regularization``
+    defaults to 0.0015 then).
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -85,49 +198,65 @@ def fit_weights(x: np.ndarray, kept: np.ndarray, regularization: float = 0.0015,
     kept = np.asarray(kept, dtype=bool)
     if kept.shape != (len(x),):
         raise ValueError(f"kept mask has shape {kept.shape}, expected ({len(x)},)")
-    x_kept = x[kept]
-    if len(x_kept) == 0:
-        return ProbeResult(np.zeros(0), np.zeros(0), 0, float("nan"), 0.0, 0.0, 0.0)
-    m = min(len(x), len(x_kept), int(max_train_per_class))
-    if m < 2:
-        raise ValueError(f"need at least 2 samples per class to fit the probe, got {m}")
+    n_kept_all = int(kept.sum())
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if n_kept_all == 0:
+        return ProbeResult(np.zeros(0), np.zeros(0), 0, 0, float("nan"), 0.0, 0.0, 0.0,
+                           float("nan") if regularization is None else regularization)
+    if n_kept_all < 2:
+        raise ValueError(f"need at least 2 kept samples to fit the probe, got {n_kept_all}")
     rng = np.random.default_rng(seed)
-    pos = rng.choice(len(x), m, replace=False)
-    neg = np.flatnonzero(kept)[rng.choice(len(x_kept), m, replace=False)]
+    cap = int(max_train_per_class)
+    pos = np.arange(len(x)) if len(x) <= cap else np.sort(rng.choice(len(x), cap, replace=False))
+    kept_idx = np.flatnonzero(kept)
+    neg = kept_idx if len(kept_idx) <= cap else np.sort(rng.choice(kept_idx, cap, replace=False))
     rows = np.concatenate([pos, neg])
     xt = x[rows]
-    y = np.concatenate([np.ones(m), np.zeros(m)])
-    if calibrate:
-        # cross-fitted by image: each fold's probe scores held-out images, so the calibration sees honest
-        # scores and a direction that only fits sampling noise gets a slope near 0 (weights near 1)
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    sw = _balanced(y)
+    balance: dict[float, float] = {}
+    cv: dict[float, float] = {}
+    calibration = (float("nan"), float("nan"))
+    if not calibrate:
+        lam = 0.0015 if regularization is None else float(regularization)
+        probe = LogisticRegression(C=_inverse_strength(lam, len(y)), max_iter=1000).fit(xt, y, sample_weight=sw)
+        p = probe.predict_proba(x[kept])[:, 1]
+        accuracy = float(probe.score(xt, y, sample_weight=sw))
+        coef_norm = float(np.linalg.norm(probe.coef_))
+        regularization = lam
+    else:
+        # folds split by image: an image and its twin in the other class are always held out together
         image_fold = rng.permutation(len(x)) % n_folds
         folds = image_fold[rows]
-        held_out = np.empty(len(y))
-        scores_kept = np.zeros(len(x_kept))
-        norms = []
-        for k in range(n_folds):
-            train = folds != k
-            probe = LogisticRegression(C=_inverse_strength(regularization, int(train.sum())), max_iter=1000)
-            probe.fit(xt[train], y[train])
-            held_out[folds == k] = probe.decision_function(xt[folds == k])
-            scores_kept += probe.decision_function(x_kept) / n_folds
-            norms.append(float(np.linalg.norm(probe.coef_)))
-        scale = LogisticRegression(C=1e6, max_iter=1000).fit(held_out[:, None], y)
-        p = scale.predict_proba(scores_kept[:, None])[:, 1]
-        accuracy = float(scale.score(held_out[:, None], y))
-        coef_norm = float(np.mean(norms))
-    else:
-        probe = LogisticRegression(C=_inverse_strength(regularization, len(y)), max_iter=1000).fit(xt, y)
-        p = probe.predict_proba(x_kept)[:, 1]
-        accuracy = float(probe.score(xt, y))
-        coef_norm = float(np.linalg.norm(probe.coef_))
+        candidates = [float(regularization)] if regularization is not None else sorted(map(float, regularization_grid))
+        if not candidates:
+            raise ValueError("regularization_grid is empty")
+        regions = coarse_regions(x, kept, balance_clusters, seed) if len(candidates) > 1 and selection == "balance" else None
+        fits = {}
+        for lam in candidates:
+            held_out, scores_kept, norm = _cross_fit(xt, y, sw, folds, n_folds, lam, x[kept_idx])
+            scale = _platt(held_out, y, sw, significance)
+            cv[lam] = float(np.sum(sw * _row_log_loss(y, scale.predict_proba(held_out[:, None])[:, 1])) / sw.sum())
+            p_lam = scale.predict_proba(scores_kept[:, None])[:, 1]
+            if regions is not None:
+                balance[lam] = region_imbalance(regions, kept, weights_from_probabilities(p_lam, max_weight))
+            fits[lam] = (held_out, norm, scale, p_lam)
+        score = balance if regions is not None else cv
+        best = min(score[c] for c in candidates)
+        lam = max(c for c in candidates if score[c] <= best + 1e-4)  # ties go to the weaker probe
+        regularization = lam
+        held_out, coef_norm, scale, p = fits[lam]
+        accuracy = float(scale.score(held_out[:, None], y, sample_weight=sw))
+        calibration = (float(scale.coef_[0, 0]), float(scale.intercept_[0]))
     raw = np.clip(p, 1e-6, 1 - 1e-6)
     raw = raw / (1 - raw)
     w = weights_from_probabilities(p, max_weight)
     return ProbeResult(
-        weights=w, probabilities=p, n_train_per_class=m,
+        weights=w, probabilities=p, n_unfiltered=len(pos), n_kept=len(neg),
         train_accuracy=accuracy,
         clipped_fraction=float(np.mean(raw > max_weight)) if max_weight else 0.0,
         effective_sample_size=kish_effective_n(w),
-        coef_norm=coef_norm,
+        coef_norm=coef_norm, regularization=float(regularization), cv_log_loss=cv, balance=balance,
+        calibration=calibration,
     )
