@@ -337,3 +337,56 @@ def test_novel_generated_images_use_no_training_vocabulary():
             assert a["sky"] not in ("sunset", "noon", "dusk", "morning")
     image, _ = dc.render_image(novel[0], 64)
     assert image.size[0] == 64
+
+
+def test_distinct_images_are_not_near_identical(corpus, truth):
+    """Images that are not planted duplicates of each other (different ``dup_group`` or none, not a
+    near-miss pair) differ visibly: 64x64 grayscale mean absolute difference >= 4/255."""
+    out, _ = corpus
+    rows = truth.filter(~pl.col("corrupt")).to_dicts()
+    tars = {s: _members(out / f"{s}.tar") for s in {r["shard"] for r in rows}}
+    g = np.stack([
+        np.asarray(Image.open(io.BytesIO(tars[r["shard"]][f"{r['key']}.jpg"])).convert("L").resize((64, 64), Image.BILINEAR),
+                   np.float32).ravel() / 255 for r in rows])
+    group = np.array([r["dup_group"] if r["dup_group"] is not None else -1 - i for i, r in enumerate(rows)])
+    uid = np.array([r["uid"] for r in rows])
+    near_miss = {frozenset((r["uid"], r["near_miss_of"])) for r in rows if r["near_miss_of"]}
+    close = []
+    for i in range(len(rows)):
+        mad = np.abs(g[i + 1:] - g[i]).mean(axis=1)
+        for j in np.flatnonzero((mad < 4 / 255) & (group[i + 1:] != group[i])) + i + 1:
+            if frozenset((uid[i], uid[j])) not in near_miss:
+                close.append((uid[i], uid[j], float(mad[j - i - 1]) * 255))
+    assert not close, close[:10]
+
+
+def test_plan_keeps_clocks_and_banners_apart():
+    """Outside duplicate groups no two clocks share face, colour and time to the minute (near misses
+    included), two of one style show times >= ``CLOCK_MIN_GAP`` minutes apart, and every banner has its
+    own tagline."""
+    from curation_assets.core import demo_corpus as dc
+
+    rows, _ = dc._plan(4, 1000, 0, True, 0)
+    firsts = {}
+    for r in rows:
+        firsts.setdefault((r["family"], r["dup_group"]) if r["dup_group"] is not None else r["uid"], r)
+    clocks = [r for r in firsts.values() if r["family"] == "clock"]
+    banners = [r for r in firsts.values() if r["family"] == "banner"]
+    assert len(clocks) > 500 and len(banners) > 500
+    assert len({dc.clock_key(r["attrs"]) for r in clocks}) == len(clocks)
+    by_style: dict[tuple, list[int]] = {}
+    for r in clocks:
+        by_style.setdefault(dc.clock_key(r["attrs"])[:3], []).append((r["attrs"]["hour"] % 12) * 60 + r["attrs"]["minute"])
+    for times in by_style.values():
+        gaps = [min(abs(a - b), 720 - abs(a - b)) for i, a in enumerate(times) for b in times[i + 1:]]
+        assert min(gaps, default=720) >= dc.CLOCK_MIN_GAP
+    assert len({r["attrs"]["tagline"] for r in banners}) == len(banners)
+    by_uid = {r["uid"]: r for r in rows}
+    twins = [r for r in rows if r["near_miss_of"]]
+    assert twins
+    for t in twins:
+        a, b = t["attrs"], by_uid[t["near_miss_of"]]["attrs"]
+        minutes = abs((a["hour"] % 12) * 60 + a["minute"] - (b["hour"] % 12) * 60 - b["minute"])
+        assert min(minutes, 720 - minutes) >= dc.CLOCK_MIN_GAP
+        assert {k: v for k, v in a.items() if k not in ("hour", "minute")} == \
+            {k: v for k, v in b.items() if k not in ("hour", "minute")}

@@ -30,12 +30,22 @@ Visual families (``family`` in the ground truth)
 ``clock``   vector-graphic analogue clocks showing a time. Some clocks are *near misses*: the same
             clock (style, colours, position) at a different time, recorded in ``near_miss_of``. They
             are **not** duplicates: DALL-E 2's example of near-duplicates with meaningful differences.
-``shapes``  geometric compositions (circles, squares, triangles, stars, hexagons).
-``banner``  text banners with rendered text (2:1 aspect ratio; captions carry non-ASCII quotes).
+            Two clocks of one style (wall, face, rim colour: :func:`clock_key`), near misses
+            included, show times at least ``CLOCK_MIN_GAP`` (20) minutes apart, so the hands visibly
+            differ; wall and rim carry a per-image tint.
+``shapes``  geometric compositions (circles, squares, triangles, stars, hexagons) on a tinted
+            background, in colours that stand out from it in grayscale too.
+``banner``  text banners with rendered text (2:1 aspect ratio; captions carry non-ASCII quotes), a
+            continuous colour tint, one of three layouts and a secondary line unique to the image in
+            the corpus (a number, a price or a date).
 ``scene``   "photo-like" landscapes: sky gradients, noise-textured ground, hills, sun, tree blobs,
             small human silhouettes when the caption mentions people.
 ``people``  beach portraits: one to three simple figures (women in dresses with long hair, men in
-            shirts and trousers, neutral figures for "a person").
+            shirts and trousers, neutral figures for "a person") placed and sized per image, a tinted
+            sky and one to three props (umbrella, boat, towel, cloud, ball) at plan-time positions.
+
+Images that are not members of one duplicate group (or a near-miss pair) are visibly distinct: no
+two differ by less than 4/255 in mean absolute value at 64x64 grayscale (``tests/test_demo_corpus.py``).
 
 Planted near-duplicates
 -----------------------
@@ -239,23 +249,91 @@ def _figures(gender: str, people: int, r: random.Random) -> list[str]:
     return []
 
 
-def _family_attrs(family: str, gender: str, r: random.Random) -> dict[str, Any]:
+_CLOCK_WALLS = [(235, 230, 215), (200, 215, 230), (60, 70, 90), (220, 235, 220), (245, 245, 245)]
+_CLOCK_FACES = [(250, 250, 245), (255, 248, 225), (235, 240, 250)]
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+
+
+def _jitter(r: random.Random, spread: int) -> tuple[int, int, int]:
+    return tuple(r.randint(-spread, spread) for _ in range(3))  # type: ignore[return-value]
+
+
+def _tint(c: tuple[int, int, int], t: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, v + d)) for v, d in zip(c, t))  # type: ignore[return-value]
+
+
+def _luma(c: tuple[int, int, int]) -> float:
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
+def _contrasting(background: str) -> list[str]:
+    """The ``PALETTE`` colours that stand out from ``background`` in grayscale too (luma >= 35 apart)."""
+    return [n for n in PALETTE if abs(_luma(PALETTE[n]) - _luma(PALETTE[background])) >= 35]
+
+
+def _tagline(r: random.Random) -> str:
+    """The per-image secondary line of a banner: a number, a price or a date."""
+    kind = r.randrange(3)
+    if kind == 0:
+        return f"No. {r.randint(10, 9999)}"
+    if kind == 1:
+        return f"${r.randint(1, 999)}.{r.randint(0, 99):02d}"
+    return f"{r.randint(1, 28)} {r.choice(_MONTHS)} {r.randint(1990, 2035)}"
+
+
+CLOCK_MIN_GAP = 20
+"""Minutes by which two training clocks of the same style (:func:`clock_key`) at least differ."""
+
+
+def clock_key(attrs: dict[str, Any]) -> tuple:
+    """What makes two training clocks the same picture: wall, face, rim colour and time to the minute
+    (numerals and tint are too small a difference). No two clocks of a corpus share it, and two of one
+    style (the first three) are at least ``CLOCK_MIN_GAP`` minutes apart, near misses included."""
+    return (attrs["colour"], attrs["face"], attrs["wall"], attrs["hour"] % 12, attrs["minute"])
+
+
+def _clock_taken(attrs: dict[str, Any], used: set) -> bool:
+    """Whether a clock of this style already shows a time less than ``CLOCK_MIN_GAP`` minutes away."""
+    style, t = clock_key(attrs)[:3], (attrs["hour"] % 12) * 60 + attrs["minute"]
+    return any((*style, *divmod((t + dt) % 720, 60)) in used for dt in range(1 - CLOCK_MIN_GAP, CLOCK_MIN_GAP))
+
+
+def _family_attrs(family: str, gender: str, r: random.Random, seen: Optional[dict[str, set]] = None) -> dict[str, Any]:
+    """Plan-time attributes of one training image. Everything that tells two images of a family apart
+    is drawn here (not at render time) so the planner can keep them distinct: ``seen`` holds, per
+    family, the identity keys already used in this corpus (clock faces with their time, banner
+    taglines), and a draw that repeats one is redrawn."""
     people = _people_count(gender, r) if family in ("scene", "people") else 0
     attrs: dict[str, Any] = {"people": people, "figures": _figures(gender, people, r)}
     names = list(PALETTE)
+    used = seen.setdefault(family, set()) if seen is not None else set()
     if family == "clock":
-        attrs.update(hour=r.randint(1, 12), minute=r.randint(0, 59), colour=r.choice(names),
-                     numerals=r.random() < 0.5)
+        for _ in range(30):
+            attrs.update(hour=r.randint(1, 12), minute=r.randint(0, 59), colour=r.choice(names),
+                         numerals=r.random() < 0.5, face=r.randrange(len(_CLOCK_FACES)),
+                         wall=r.randrange(len(_CLOCK_WALLS)), tint=_jitter(r, 18))
+            if not _clock_taken(attrs, used):
+                break
+        used.add(clock_key(attrs))
     elif family == "shapes":
-        attrs.update(shape=r.choice(SHAPE_KINDS), colour=r.choice(names), n=r.randint(3, 7),
-                     background=r.choice(["white", "grey", "black", "lavender"]))
+        background = r.choice(["white", "grey", "black", "lavender"])
+        attrs.update(shape=r.choice(SHAPE_KINDS), colour=r.choice(_contrasting(background)), n=r.randint(3, 7),
+                     background=background, tint=_jitter(r, 20))
     elif family == "banner":
-        attrs.update(text=r.choice(BANNER_WORDS), colour=r.choice(names))
+        for _ in range(100):
+            tagline = _tagline(r)
+            if tagline not in used:
+                break
+        used.add(tagline)
+        attrs.update(text=r.choice(BANNER_WORDS), colour=r.choice(names), tagline=tagline, tint=_jitter(r, 24),
+                     layout=r.randrange(3))
     elif family == "scene":
         attrs.update(time_of_day=r.choice(["sunset", "noon", "dusk", "morning"]),
                      season=r.choice(["summer", "autumn", "winter", "spring"]))
     elif family == "people":
-        attrs.update(sky=r.choice(["clear", "hazy", "bright"]))
+        attrs.update(sky=r.choice(["clear", "hazy", "bright"]), tint=_jitter(r, 20),
+                     props=[(r.choice(("umbrella", "boat", "towel", "cloud", "ball")), round(r.random(), 4),
+                             round(r.random(), 4), r.choice(names)) for _ in range(r.randint(1, 3))])
     return attrs
 
 
@@ -354,13 +432,13 @@ def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float
 
 def _render_clock(attrs: dict, size: int, r: random.Random) -> Image.Image:
     w, h = _canvas_size("clock", size)
-    bg = r.choice([(235, 230, 215), (200, 215, 230), (60, 70, 90), (220, 235, 220), (245, 245, 245)])
-    img = Image.new("RGB", (w, h), bg)
+    tint = attrs.get("tint", (0, 0, 0))
+    img = Image.new("RGB", (w, h), _tint(_CLOCK_WALLS[attrs["wall"]], tint))
     d = ImageDraw.Draw(img)
     cx, cy = w / 2 + r.uniform(-0.05, 0.05) * w, h / 2 + r.uniform(-0.05, 0.05) * h
     radius = r.uniform(0.36, 0.44) * min(w, h)
-    rim = PALETTE[attrs["colour"]]
-    face = r.choice([(250, 250, 245), (255, 248, 225), (235, 240, 250)])
+    rim = _tint(PALETTE[attrs["colour"]], tint)
+    face = _CLOCK_FACES[attrs["face"]]
     d.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=rim)
     inner = radius * r.uniform(0.86, 0.93)
     d.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=face)
@@ -392,9 +470,9 @@ def _render_clock(attrs: dict, size: int, r: random.Random) -> Image.Image:
 
 def _render_shapes(attrs: dict, size: int, r: random.Random) -> Image.Image:
     w, h = _canvas_size("shapes", size)
-    img = Image.new("RGB", (w, h), PALETTE[attrs["background"]])
+    img = Image.new("RGB", (w, h), _tint(PALETTE[attrs["background"]], attrs.get("tint", (0, 0, 0))))
     d = ImageDraw.Draw(img)
-    names = [n for n in PALETTE if n != attrs["background"]]
+    names = _contrasting(attrs["background"])
     for i in range(attrs["n"]):
         main = i <= attrs["n"] // 2
         kind = attrs["shape"] if main else r.choice(SHAPE_KINDS)
@@ -418,7 +496,7 @@ def _render_shapes(attrs: dict, size: int, r: random.Random) -> Image.Image:
 
 def _render_banner(attrs: dict, size: int, r: random.Random) -> Image.Image:
     w, h = _canvas_size("banner", size)
-    colour = PALETTE[attrs["colour"]]
+    colour = _tint(PALETTE[attrs["colour"]], attrs.get("tint", (0, 0, 0)))
     img = Image.new("RGB", (w, h), colour)
     d = ImageDraw.Draw(img)
     light = sum(colour) > 400
@@ -430,10 +508,25 @@ def _render_banner(attrs: dict, size: int, r: random.Random) -> Image.Image:
         for i in range(0, w, _s(size, 24)):
             d.polygon([(i, h), (i + _s(size, 12), h), (i + _s(size, 24), h - _s(size, 14))], fill=ink)
     text = attrs["text"]
-    fs = h * 0.5
+    fs = h * r.uniform(0.36, 0.46)
     while fs > 8 and _font(fs).getlength(text) > 0.86 * w:
         fs *= 0.9
-    d.text((w / 2 + r.uniform(-0.03, 0.03) * w, h / 2), text, fill=ink, font=_font(fs), anchor="mm")
+    tagline = attrs.get("tagline")
+    if tagline is None:
+        d.text((w / 2 + r.uniform(-0.03, 0.03) * w, h / 2), text, fill=ink, font=_font(fs), anchor="mm")
+        return img
+    # layout 0: tagline under the text, 1: above it, 2: text high and the tagline in a box at the right
+    ty = h * (0.42, 0.6, 0.4)[attrs["layout"]] + r.uniform(-0.04, 0.04) * h
+    d.text((w / 2 + r.uniform(-0.03, 0.03) * w, ty), text, fill=ink, font=_font(fs), anchor="mm")
+    tf = _font(h * r.uniform(0.16, 0.2))
+    if attrs["layout"] == 2:
+        tw = tf.getlength(tagline)
+        x1, y0 = w * r.uniform(0.86, 0.9), h * 0.66
+        d.rectangle([x1 - tw - _s(size, 8), y0, x1, y0 + h * 0.22], fill=ink)
+        d.text((x1 - _s(size, 4), y0 + h * 0.11), tagline, fill=colour, font=tf, anchor="rm")
+    else:
+        tx = w * r.uniform(0.3, 0.7)
+        d.text((tx, h * (0.75 if attrs["layout"] == 0 else 0.24)), tagline, fill=ink, font=tf, anchor="mm")
     return img
 
 
@@ -525,8 +618,9 @@ def _figure(d: ImageDraw.ImageDraw, x: float, base: float, hgt: float, kind: str
 def _render_people(attrs: dict, size: int, r: random.Random, nrng: np.random.Generator) -> Image.Image:
     w, h = _canvas_size("people", size)
     top = {"clear": (60, 130, 225), "hazy": (160, 180, 200), "bright": (100, 170, 240)}[attrs["sky"]]
-    arr = _gradient(w, h, top, (215, 230, 245))
-    sea_top, sand_top = int(r.uniform(0.35, 0.45) * h), int(r.uniform(0.55, 0.65) * h)
+    tint = attrs.get("tint", (0, 0, 0))
+    arr = _gradient(w, h, _tint(top, tint), _tint((215, 230, 245), tint))
+    sea_top, sand_top = int(r.uniform(0.3, 0.45) * h), int(r.uniform(0.52, 0.68) * h)
     sea = _gradient(w, sand_top - sea_top, (30, 90, 150), (70, 150, 180))
     arr[sea_top:sand_top] = sea + 8 * _noise(w, sand_top - sea_top, nrng)[..., None]
     sand = np.array((225, 200, 150), np.float32) * (1 + 0.06 * _noise(w, h - sand_top, nrng))[..., None]
@@ -535,11 +629,43 @@ def _render_people(attrs: dict, size: int, r: random.Random, nrng: np.random.Gen
     d = ImageDraw.Draw(img)
     sx, sr = r.uniform(0.1, 0.9) * w, r.uniform(0.04, 0.07) * w
     d.ellipse([sx - sr, 0.1 * h - sr, sx + sr, 0.1 * h + sr], fill=(255, 245, 190))
+    for prop in attrs.get("props", []):
+        _beach_prop(d, prop, w, h, sea_top, sand_top)
     figs = attrs["figures"]
-    for i, kind in enumerate(figs):
-        x = w * (0.15 + 0.7 * (i + 0.5) / len(figs)) + r.uniform(-0.04, 0.04) * w
-        _figure(d, x, h * r.uniform(0.88, 0.96), h * r.uniform(0.45, 0.6) / (1 + 0.15 * (len(figs) - 1)), kind, r)
+    if figs:
+        span = r.uniform(0.45, 0.8)
+        left = r.uniform(0.1, 0.9 - span)
+        for i, kind in enumerate(figs):
+            x = w * (left + span * (i + 0.5) / len(figs)) + r.uniform(-0.04, 0.04) * w
+            hgt = h * r.uniform(0.38, 0.64) / (1 + 0.15 * (len(figs) - 1))
+            _figure(d, x, h * r.uniform(0.86, 0.97), hgt, kind, r)
     return img
+
+
+def _beach_prop(d: ImageDraw.ImageDraw, prop: tuple, w: int, h: int, sea_top: int, sand_top: int) -> None:
+    """One background element of a beach portrait at plan-time position (u, v) in [0, 1]^2."""
+    kind, u, v, colour = prop
+    c = PALETTE[colour]
+    x = w * (0.05 + 0.9 * u)
+    if kind == "cloud":
+        y, rw = sea_top * (0.2 + 0.6 * v), w * (0.08 + 0.08 * v)
+        for dx in (-0.6, 0.0, 0.6):
+            d.ellipse([x + dx * rw - rw * 0.6, y - rw * 0.35, x + dx * rw + rw * 0.6, y + rw * 0.35], fill=(250, 250, 252))
+    elif kind == "boat":
+        y, bw = sea_top + (sand_top - sea_top) * (0.3 + 0.5 * v), w * (0.06 + 0.06 * u)
+        d.polygon([(x - bw, y), (x + bw, y), (x + bw * 0.7, y + bw * 0.35), (x - bw * 0.7, y + bw * 0.35)], fill=(90, 60, 40))
+        d.polygon([(x, y - bw * 1.4), (x, y - bw * 0.05), (x + bw * 0.9, y - bw * 0.05)], fill=c)
+    elif kind == "umbrella":
+        y, ur = sand_top + (h - sand_top) * (0.3 + 0.5 * v), w * (0.1 + 0.06 * u)
+        d.line([(x, y - ur * 0.9), (x, y + ur * 0.6)], fill=(70, 60, 50), width=max(1, int(ur * 0.08)))
+        d.pieslice([x - ur, y - ur * 1.5, x + ur, y - ur * 0.3], 180, 360, fill=c)
+    elif kind == "towel":
+        y, tw = sand_top + (h - sand_top) * (0.35 + 0.55 * v), w * (0.1 + 0.08 * u)
+        d.rectangle([x - tw, y - tw * 0.25, x + tw, y + tw * 0.25], fill=c)
+        d.rectangle([x - tw, y - tw * 0.05, x + tw, y + tw * 0.05], fill=(245, 245, 240))
+    else:
+        y, br = sand_top + (h - sand_top) * (0.4 + 0.5 * v), w * (0.03 + 0.03 * u)
+        d.ellipse([x - br, y - br, x + br, y + br], fill=c)
 
 
 def _splatter(d: ImageDraw.ImageDraw, w: int, h: int, r: random.Random) -> None:
@@ -1014,8 +1140,9 @@ def _drifted(mix: dict[str, float], family: str) -> dict[str, float]:
     return out
 
 
-def _new_row(shard: int, pos: int, family: str, cell: str, gender: str, r: random.Random) -> dict[str, Any]:
-    attrs = _family_attrs(family, gender, r)
+def _new_row(shard: int, pos: int, family: str, cell: str, gender: str, r: random.Random,
+             seen: Optional[dict[str, set]] = None) -> dict[str, Any]:
+    attrs = _family_attrs(family, gender, r, seen)
     variant = r.randrange(8)
     return {
         "shard": _shard_name(shard), "key": _key(shard, pos), "uid": f"{_shard_name(shard)}/{_key(shard, pos)}",
@@ -1045,9 +1172,12 @@ def _dup_transforms(r: random.Random) -> list[tuple[str, Any]]:
     return out
 
 
-def _plan_shards(shard_ids: list[int], per_shard: int, rng: np.random.Generator, drifted: bool) -> list[dict[str, Any]]:
+def _plan_shards(shard_ids: list[int], per_shard: int, rng: np.random.Generator, drifted: bool,
+                 seen: Optional[dict[str, set]] = None) -> list[dict[str, Any]]:
     """Rows for the given shards with exact quotas of family, category cell and gender (largest
-    remainder over the shards together), then corrupt rows, duplicate groups and near-miss clocks."""
+    remainder over the shards together), then corrupt rows, duplicate groups and near-miss clocks.
+    ``seen`` (identity keys per family, see :func:`_family_attrs`) is shared by every call of one corpus."""
+    seen = {} if seen is None else seen
     families: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for s in shard_ids:
         labels = [f for f, c in _largest_remainder(per_shard, FAMILY_WEIGHTS).items() for _ in range(c)]
@@ -1067,7 +1197,7 @@ def _plan_shards(shard_ids: list[int], per_shard: int, rng: np.random.Generator,
             start += n
             genders = [g for g, c in _largest_remainder(n, mix).items() for _ in range(c)]
             for (s, pos), j in zip(members, rng.permutation(n)):
-                rows.append(_new_row(s, pos, family, cell, genders[j], r))
+                rows.append(_new_row(s, pos, family, cell, genders[j], r, seen))
     rows.sort(key=lambda r: r["key"])
     n = len(rows)
 
@@ -1147,9 +1277,13 @@ def _plan_shards(shard_ids: list[int], per_shard: int, rng: np.random.Generator,
     for a, b in zip(picked[::2], picked[1::2]):
         src, twin = rows[a], rows[b]
         attrs = dict(src["attrs"])
-        shift = int(rng.integers(15, 12 * 60 - 15))
-        total = ((attrs["hour"] % 12) * 60 + attrs["minute"] + shift) % 720
-        attrs["hour"], attrs["minute"] = total // 60 or 12, total % 60
+        for _ in range(100):
+            shift = int(rng.integers(15, 12 * 60 - 15))
+            total = ((src["attrs"]["hour"] % 12) * 60 + src["attrs"]["minute"] + shift) % 720
+            attrs["hour"], attrs["minute"] = total // 60 or 12, total % 60
+            if not _clock_taken(attrs, seen["clock"]):
+                break
+        seen["clock"].add(clock_key(attrs))
         twin.update(attrs=attrs, seed=src["seed"], near_miss_of=src["uid"])
         twin["caption"] = _caption("clock", twin["gender"], attrs, twin["variant"])
     return rows
@@ -1183,9 +1317,10 @@ def perturbed_copy(image: Image.Image, r: random.Random) -> bytes:
 
 def _plan(shards: int, per_shard: int, seed: int, drift_shard: bool, generated: int) -> tuple[list[dict], list[dict]]:
     base_ss, drift_ss, gen_ss = np.random.SeedSequence(seed).spawn(3)
-    rows = _plan_shards(list(range(shards)), per_shard, np.random.default_rng(base_ss), drifted=False)
+    seen: dict[str, set] = {}
+    rows = _plan_shards(list(range(shards)), per_shard, np.random.default_rng(base_ss), drifted=False, seen=seen)
     if drift_shard:
-        rows += _plan_shards([shards], per_shard, np.random.default_rng(drift_ss), drifted=True)
+        rows += _plan_shards([shards], per_shard, np.random.default_rng(drift_ss), drifted=True, seen=seen)
     r = random.Random(int(np.random.default_rng(gen_ss).integers(2**62)))
     gen: list[dict] = []
     sources = [row for row in rows if row["corrupt_kind"] is None and int(row["shard"]) < shards]
