@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -20,16 +21,24 @@ STAGE_MODULES = {"ingest": ingest, "embeddings": embeddings, "safety": safety, "
 
 def ensure_corpus(corpus: Path, shards: int, per_shard: int, seed: int, size: int) -> None:
     """Generate the corpus unless one with the same parameters is already there (it is deterministic)."""
+    import hashlib
+    import inspect
+
+    from curation_assets.core import demo_corpus
     from curation_assets.core.demo_corpus import write_demo_corpus
 
     params = {"shards": shards, "per_shard": per_shard, "seed": seed, "size": size}
+    generator = hashlib.sha256(inspect.getsource(demo_corpus).encode()).hexdigest()[:16]
     stamp = corpus / "demo_params.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == params and (corpus / "ground_truth.parquet").is_file():
+    if stamp.is_file() and json.loads(stamp.read_text()) == {**params, "generator": generator} \
+            and (corpus / "ground_truth.parquet").is_file():
         print(f"demo corpus already at {corpus}")
         return
+    if corpus.exists():
+        shutil.rmtree(corpus)
     started = time.perf_counter()
     write_demo_corpus(corpus, **params)
-    stamp.write_text(json.dumps(params))
+    stamp.write_text(json.dumps({**params, "generator": generator}))
     print(f"generated demo corpus ({shards} x {per_shard} images) at {corpus} in {time.perf_counter() - started:.1f}s")
 
 
@@ -59,6 +68,8 @@ def run_demo(root: Path, shards: int, per_shard: int, seed: int, size: int, roun
     root = root.resolve()
     corpus = root / "shards"
     ensure_corpus(corpus, shards, per_shard, seed, size)
+    for derived in ("delta", "artifacts", "reports"):
+        shutil.rmtree(root / derived, ignore_errors=True)  # a demo starts from no labels; run history stays
     pipeline = open_pipeline(root, corpus, str(demo_config(corpus, root)))
     pipeline.register_all_shards()
     print(f"{len(pipeline.shards())} shards registered; Dagster home {pipeline.dagster_home}")
