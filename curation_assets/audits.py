@@ -23,6 +23,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from curation_assets.core.plots import figure_png
 from curation_assets.core import report as rpt
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings, default_section, load_user_config
@@ -367,8 +368,7 @@ def _similarity_histogram(table: pl.DataFrame, threshold: float) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
-
+    
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=90)
@@ -380,10 +380,7 @@ def _similarity_histogram(table: pl.DataFrame, threshold: float) -> bytes:
     ax.set_ylabel("generated images")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _write_json(storage: DeltaStorage, asset: str, payload: dict, name: str = "summary.json") -> Path:

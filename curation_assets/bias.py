@@ -19,9 +19,7 @@ Tables:
 """
 
 
-import base64
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from curation_assets.core.plots import figure_png, markdown_image
 from curation_assets.core import demographics as demo
 from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
 from resources.alerts import Alert, AlertSink
@@ -367,12 +366,7 @@ def overall_rows(table: pl.DataFrame, pairs_by_source: Mapping[str, Sequence[tup
 
 
 def _png_markdown(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f"![](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+    return markdown_image(figure_png(fig))
 
 
 def ratio_plot(rows: pl.DataFrame, title: str) -> str:

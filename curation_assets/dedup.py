@@ -23,7 +23,6 @@ assignments), when the dataset has grown several-fold since the fit (K follows n
 
 
 import hashlib
-import io
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +31,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from curation_assets.core.plots import figure_png, markdown_image
 from curation_assets.core import dedup as core
 from curation_assets.core import dedup_verify as verify_core
 from curation_assets.core.dedup_verify import VerifySettings
@@ -117,18 +117,11 @@ def _write_centroid_rows(storage: DeltaStorage, df: pl.DataFrame) -> None:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 def _md_png(png: bytes, alt: str) -> str:
-    import base64
-
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    return markdown_image(png, alt)
 
 
 def _md_table(df: pl.DataFrame, digits: int = 4) -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
+
+# backfill_policy is marked beta; the stages rely on it deliberately, so its warning is noise in every run.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 SHARDS = "shards"
 N_CLUSTERINGS = 5

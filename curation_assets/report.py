@@ -7,11 +7,11 @@ reconciles: ingested = rejected + filtered + removed as duplicates + kept.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import polars as pl
 
+from curation_assets.core.plots import figure_png
 from curation_assets.core import report as rpt
 
 
@@ -110,10 +110,7 @@ def _funnel_png(df: pl.DataFrame) -> bytes:
     ax.set_xlabel("samples")
     ax.set_title("curation funnel")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _curve_png(df: pl.DataFrame, x: str, ys: list[str], title: str, by: str | None = None) -> bytes:
@@ -134,10 +131,7 @@ def _curve_png(df: pl.DataFrame, x: str, ys: list[str], title: str, by: str | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _numeric(df: pl.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:

@@ -15,8 +15,6 @@ The first DALL·E 2 pre-training mitigation. Per configured category (violence a
 """
 
 
-import base64
-import io
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +23,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from curation_assets.core.plots import figure_png, markdown_image
 from curation_assets.core import labels as labels_core
 from curation_assets.core.safety import (
     CrossValidation,
@@ -98,12 +97,7 @@ def import_label_rows(storage: DeltaStorage, cfg: SafetyConfig, rows: Sequence[d
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f"![](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+    return markdown_image(figure_png(fig))
 
 
 def _figure(ncols: int, width: float = 4.2, height: float = 3.2):

@@ -8,11 +8,11 @@ and returns plain frames, so the census runs the same outside Dagster.
 
 from __future__ import annotations
 
-import io
 from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
+from curation_assets.core.plots import figure_png
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 
@@ -173,10 +173,7 @@ def histogram_png(series: dict[str, np.ndarray], title: str, xlabel: str, bins: 
     if series:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def bar_png(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str) -> bytes:
@@ -191,7 +188,4 @@ def bar_png(labels: Sequence[str], values: Sequence[float], title: str, ylabel: 
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -11,7 +11,6 @@ columns ``image`` (path relative to the directory), ``race`` and ``gender``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
+from curation_assets.core.plots import figure_png
 from curation_assets.core.regurgitation import wilson_interval
 
 DEFAULT_LABELS = ("human being", "animal", "gorilla", "chimpanzee", "orangutan", "thief", "criminal", "suspicious person")
@@ -209,10 +209,7 @@ def heatmap_png(shares: pl.DataFrame, title: str, value: str = "share") -> bytes
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="% top-1")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 # --------------------------------------------------------------------------- open_clip checkpoints

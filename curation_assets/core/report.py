@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import polars as pl
+from curation_assets.core.plots import png_data_uri  # noqa: F401  (re-exported for the report pages)
 from markupsafe import Markup
 
 
@@ -27,10 +28,6 @@ class Section:
     blocks: list[Markup] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     missing: str | None = None
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def plot_html(png: bytes, alt: str) -> Markup:

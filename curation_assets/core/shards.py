@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import polars as pl
-from PIL import Image, ImageFile
+from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TRUNCATED_KEY = "_tar_truncated"
