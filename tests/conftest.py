@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +81,20 @@ def ingested(tmp_path_factory, demo_corpus) -> Ingested:
     state = open_ingested(demo_corpus, tmp_path_factory.mktemp("root"))
     state.materialize(["samples", "image_embeddings"])
     return state
+
+
+@contextmanager
+def dagster_daemon(workspace: Path, env: dict, cwd: Path):
+    """A real ``dagster-daemon run`` on ``workspace``; yields (process, log path) and always stops it."""
+    log_path = cwd / "daemon.log"
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(workspace)],
+                                  env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield daemon, log_path
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)

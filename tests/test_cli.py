@@ -1,6 +1,5 @@
 """The ``curate`` command line, end to end on a tiny corpus."""
 
-from pathlib import Path
 
 import polars as pl
 import pytest

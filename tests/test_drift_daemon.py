@@ -2,15 +2,14 @@
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from tests.conftest import dagster_daemon
 
 from tests.test_bias import DRIFTED, drift_base
 
@@ -41,13 +40,8 @@ def test_real_daemon_alerts_on_the_drifted_shard(tmp_path, tmp_path_factory):
     shutil.copy(REPO / "workspace.yaml", workspace)
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATION_ROOT": str(root), "CURATION_SHARDS": str(corpus),
            "CURATION_CONFIG": str(config), "PYTHONPATH": str(REPO)}
-    bin_dir = Path(sys.executable).parent
-    log_path = tmp_path / "daemon.log"
-    log = open(log_path, "w")
     # bias_drift_sensor is RUNNING by default: the daemon ticks it without a `dagster sensor start`
-    daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], env=env, cwd=tmp_path,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with dagster_daemon(workspace, env, tmp_path) as (daemon, log_path):
         deadline = time.time() + 300
         while time.time() < deadline:
             if AlertSink().read(pipeline.storage).height:
@@ -72,10 +66,3 @@ def test_real_daemon_alerts_on_the_drifted_shard(tmp_path, tmp_path_factory):
             time.sleep(2)
         assert from_sensor, "the sensor's check evaluation never reached the instance"
         assert not from_sensor[0].passed and from_sensor[0].metadata["drifted_shards"].value == [DRIFTED]
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-        log.close()

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from curation_assets.partitions import SHARDS
 from curation_assets.sensors import new_shards_sensor
 from resources.shard_source import ShardSource
+from tests.conftest import dagster_daemon
 from tests.test_shard_partitions import _write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,7 @@ def test_real_daemon_ingests_a_dropped_shard(tmp_path):
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "dagster"), "sensor", "start", "new_shards_sensor", "-w", str(workspace)],
                    env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], env=env, cwd=tmp_path,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with dagster_daemon(workspace, env, tmp_path) as (daemon, log_path):
         _write_shard(shards, 7, 6)
         table = root / "delta" / "image_embeddings"
         deadline = time.time() + 300
@@ -90,10 +87,3 @@ def test_real_daemon_ingests_a_dropped_shard(tmp_path):
         assert samples["shard"].unique().to_list() == ["00007"] and samples.height == 6
         instance = dg.DagsterInstance.from_config(str(home))
         assert instance.get_dynamic_partitions(SHARDS) == ["00007"]
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-        log.close()
