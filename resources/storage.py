@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import dagster as dg
 import numpy as np
@@ -39,11 +40,47 @@ class DeltaStorage(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """An exclusive lock on ``name`` between processes on this machine (``<root>/locks``), for a
+        read-then-append that must not interleave with another (taking the next label round)."""
+        import fcntl
+
+        directory = self.root_path / "locks"
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"{name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def exists(self, name: str) -> bool:
         return delta.table_exists(self.table_path(name))
 
     def write_shard(self, name: str, df: pl.DataFrame, shard: str) -> int:
         return delta.write_shard(self.table_path(name), df, shard)
+
+    def replace_where(self, name: str, df: pl.DataFrame, column: str, value: str | int) -> int:
+        """Replace the rows of one key (``column = value``) of a table partitioned by ``column``."""
+        return delta.replace_where(self.table_path(name), df, column, value)
+
+    def delete_where(self, name: str, column: str, value: str | int) -> None:
+        delta.delete_where(self.table_path(name), column, value)
+
+    def tables(self) -> list[str]:
+        """The names of the Delta tables under the root."""
+        directory = self.root_path / "delta"
+        return sorted(p.name for p in directory.iterdir() if delta.table_exists(p)) if directory.is_dir() else []
+
+    def delete_shard(self, shard: str) -> list[str]:
+        """Delete one shard's rows from every table with a ``shard`` column; returns the tables touched."""
+        touched = []
+        for name in self.tables():
+            if "shard" in self.scan(name).collect_schema().names():
+                self.delete_where(name, "shard", shard)
+                touched.append(name)
+        return touched
 
     def write_table(self, name: str, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
         return delta.write_table(self.table_path(name), df, partition_by)

@@ -53,26 +53,52 @@ def table_exists(path: str | Path) -> bool:
 
 def write_shard(path: str | Path, df: pl.DataFrame, shard: str) -> int:
     """Replace the rows of one shard in a ``shard``-partitioned table; returns the rows written."""
-    from deltalake import write_deltalake
-
     if "shard" not in df.columns:
         raise ValueError(f"{path}: a per-shard table needs a 'shard' column")
-    others = df.filter(pl.col("shard") != shard).height
-    if others:
-        raise ValueError(f"{path}: {others} rows do not belong to shard {shard!r}")
     _check_shard_key(shard)
+    return replace_where(path, df, "shard", shard)
+
+
+def _literal(value: str | int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"predicate values are strings or integers, not {type(value).__name__}")
+    if isinstance(value, int):
+        return str(value)
+    if "'" in value or "\\" in value:
+        raise ValueError(f"invalid key {value!r} for a predicate overwrite")
+    return f"'{value}'"
+
+
+def replace_where(path: str | Path, df: pl.DataFrame, column: str, value: str | int) -> int:
+    """Replace the rows whose ``column`` equals ``value`` (the table is partitioned by ``column``) with ``df``,
+    in one Delta commit; the rest of the table is untouched, so concurrent writers of different keys never
+    lose each other's rows (the loser of a commit race retries against the new table state)."""
+    from deltalake import write_deltalake
+
+    others = df.filter(pl.col(column) != value).height
+    if others:
+        raise ValueError(f"{path}: {others} rows do not belong to {column} = {value!r}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     data = _arrow(df)
+    predicate = f"{column} = {_literal(value)}"
 
     def write():
         if table_exists(path):
-            write_deltalake(str(path), data, mode="overwrite", predicate=f"shard = '{shard}'",
-                            partition_by=["shard"], schema_mode=None)
+            write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=[column])
         else:
-            write_deltalake(str(path), data, mode="error", partition_by=["shard"])
+            write_deltalake(str(path), data, mode="error", partition_by=[column])
 
-    _retrying(write, f"shard {shard} of {path}")
+    _retrying(write, f"{predicate} of {path}")
     return df.height
+
+
+def delete_where(path: str | Path, column: str, value: str | int) -> None:
+    """Delete the rows whose ``column`` equals ``value`` (nothing when the table does not exist)."""
+    from deltalake import DeltaTable
+
+    if table_exists(path):
+        predicate = f"{column} = {_literal(value)}"
+        _retrying(lambda: DeltaTable(str(path)).delete(predicate), f"delete {predicate} from {path}")
 
 
 def write_table(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
