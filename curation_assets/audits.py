@@ -491,15 +491,12 @@ def _audit_checkpoint(context, storage: DeltaStorage, cfg: AuditsConfig, key: st
 
 
 def _replace_checkpoint_rows(storage: DeltaStorage, key: str, rows: pl.DataFrame | None) -> None:
-    """The table holds every checkpoint's rows; a partition replaces only its own (steps of one asset run
-    one after another, so this read-modify-write does not race)."""
-    existing = _read(storage, "clip_bias_audit")
-    keep = existing.filter(pl.col("checkpoint") != key) if existing is not None and "checkpoint" in existing.columns else None
-    parts = [p for p in (keep, rows) if p is not None and p.height]
-    if parts:
-        storage.write_table("clip_bias_audit", pl.concat(parts, how="diagonal_relaxed"))
-    elif existing is not None:
-        storage.write_table("clip_bias_audit", existing.clear())
+    """The table holds every checkpoint's rows (partitioned by ``checkpoint``); a partition replaces only its
+    own with a predicate overwrite, so a UI backfill running one run per checkpoint at once loses nothing."""
+    if rows is None or rows.height == 0:
+        storage.delete_where("clip_bias_audit", "checkpoint", key)
+    else:
+        storage.replace_where("clip_bias_audit", rows, "checkpoint", key)
 
 
 def clip_bias_sections(storage: DeltaStorage, cfg: AuditsConfig) -> list[rpt.Section]:
@@ -585,11 +582,11 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     notes: dict[str, str] = {}
     scores = _read(storage, "safety_scores")
     if scores is not None:
-        score_cols = [c for c, t in scores.schema.items() if t.is_float() and c not in ("shard",)]
-        frames["safety_scores"] = census.score_summary(scores, score_cols)
-        if score_cols:
-            plots["safety_scores"] = census.histogram_png({c: scores[c].to_numpy() for c in score_cols},
-                                                          "safety scores", "score", log=True)
+        frames["safety_scores"] = census.category_score_summary(scores)
+        by_category = {c: part["score"].to_numpy() for (c,), part in scores.group_by(["category"], maintain_order=True)}
+        if by_category:
+            plots["safety_scores"] = census.histogram_png(dict(sorted(by_category.items())),
+                                                          "safety scores per category", "score", log=True)
     else:
         notes["safety_scores"] = "safety_scores not materialised (safety stage not run)"
     groups = _read(storage, "dedup_groups")
@@ -710,6 +707,7 @@ def report_path(storage: DeltaStorage) -> Path:
     deps=["regurgitation_audit", "clip_bias_audit", "dataset_census",
           dg.AssetDep("filtered_samples", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep("demographic_ratios", partition_mapping=dg.AllPartitionMapping()),
+          "overall_demographic_ratios", "training_set",
           "dedup_groups", "deduplicated_samples", "dedup_recall", "safety_classifiers"],
     group_name="audits",
     kinds={"html"},
@@ -720,8 +718,14 @@ def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     census and links to the audit pages. Sections whose stage has not run say so."""
     from curation_assets import report as sections_mod
 
+    from curation_assets.safety import NEXT_STEP, awaiting_message, classifiers_trained, label_readiness, safety_config
+
     cfg = audits_config(settings)
-    built = sections_mod.build_report(storage, cfg, context.log)
+    awaiting = None
+    if not classifiers_trained(storage):
+        awaiting = (awaiting_message(label_readiness(storage, safety_config(settings))) or "no classifier trained yet")
+        awaiting += f". Next: {NEXT_STEP}."
+    built = sections_mod.build_report(storage, cfg, context.log, awaiting)
     path = report_path(storage)
     links = [(label, page) for label, page in (("Regurgitation audit", REGURGITATION_PAGE), ("CLIP bias audit", CLIP_BIAS_PAGE),
                                                ("Census", CENSUS_PAGE)) if (storage.reports_dir() / page).is_file()]
@@ -731,6 +735,7 @@ def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         "path": dg.MetadataValue.path(str(path)),
         "funnel": dg.MetadataValue.md(built.funnel_markdown),
         "stages not run": ", ".join(built.missing) or "none",
+        "safety": dg.MetadataValue.text("awaiting labels" if awaiting else "filter applied"),
     })
 
 

@@ -2,17 +2,18 @@
 
 Filtering can shift who is in a dataset: in DALL·E 2's data, captions mentioning "woman" fell 14% while
 "man" fell 6%. This stage measures each group's share and the ratios between groups at every stage of the
-funnel (raw -> filtered -> filtered + reweighted -> deduplicated), fixes the shift with importance weights
+funnel (raw -> filtered -> filtered + reweighted -> deduplicated -> the final training set), fixes the shift with importance weights
 from a deliberately weak probe (``sample_weights``), and watches every new shard for drift
 (``bias_drift_sensor``), alerting through the ``alerts`` resource.
 
 Tables:
 
-- ``demographic_ratios`` (per shard, plus ``shard = "_overall"`` rows with ``scope = "overall"``): one row per
-  (stage, attribute source, kind, group). ``kind`` is ``share`` (a group's share with its Wilson interval),
-  ``ratio`` (``numerator/denominator`` with a log-method interval) or ``keyword`` (a single word's share:
-  OpenAI's keyword table). ``change_vs_raw`` is the relative change of the value against the raw stage of
-  the same shards. ``source_version`` identifies the word lists / prompts the numbers came from.
+- ``demographic_ratios`` (per shard): one row per (stage, attribute source, kind, group). ``kind`` is
+  ``share`` (a group's share with its Wilson interval), ``ratio`` (``numerator/denominator`` with a
+  log-method interval) or ``keyword`` (a single word's share: OpenAI's keyword table). ``change_vs_raw`` is
+  the relative change of the value against the raw stage of the same shards. ``source_version`` identifies
+  the word lists / prompts the numbers came from.
+- ``overall_demographic_ratios``: the same rows for the whole dataset (``shard = "_overall"``).
 - ``sample_weights``: uid, shard, weight (mean 1 over kept samples), p_unfiltered. Feed ``weight`` to the
   training loader (e.g. a WeightedRandomSampler).
 - ``alerts`` (written by the alert sink): every drift alert ever raised.
@@ -34,14 +35,16 @@ import polars as pl
 from curation_assets.core.plots import figure_png, markdown_image
 from curation_assets.core import demographics as demo
 from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from curation_assets.training_set import TRAINING_SET
 from resources.alerts import Alert, AlertSink
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 
-STAGES = ("raw", "filtered", "filtered_reweighted", "deduplicated")
+STAGES = ("raw", "filtered", "filtered_reweighted", "deduplicated", "training_set", "training_set_weighted")
 OVERALL = "_overall"
 RATIOS = "demographic_ratios"
+OVERALL_RATIOS = "overall_demographic_ratios"
 WEIGHTS = "sample_weights"
 DRIFT_CHECK = "demographic_drift"
 ALERT_SOURCE = "bias_drift"
@@ -219,32 +222,23 @@ def clip_attributes(storage: DeltaStorage, shard: str, uids: pl.Series, encoder:
 
 # --- stage sets ------------------------------------------------------------------------------------------
 
-def _kept_column(df: pl.DataFrame) -> pl.Expr:
-    """The kept notion of a downstream table (``kept``, or the negation of ``is_removed`` / ``removed``)."""
-    for name, negate in (("kept", False), ("is_kept", False), ("is_removed", True), ("removed", True),
-                         ("is_duplicate", True)):
-        if name in df.columns:
-            return ~pl.col(name) if negate else pl.col(name)
-    raise ValueError(f"cannot tell kept from removed in columns {df.columns}")
-
-
 def stage_sets(storage: DeltaStorage, shard: str, log: Any = None) -> dict[str, tuple[pl.DataFrame, Optional[np.ndarray]]]:
     """The samples of one shard at every stage that exists: ``{stage: (frame[uid, caption], weights or None)}``.
 
     raw: ``samples`` with status ok; filtered: kept in ``filtered_samples``; filtered_reweighted: the kept
     samples with their ``sample_weights`` (only when every kept sample of the shard has a weight);
-    deduplicated: kept by the filter (when it ran) and not removed as a duplicate in ``deduplicated_samples``.
+    deduplicated: not removed as a duplicate in ``deduplicated_samples`` (dedup alone, no labels needed);
+    training_set and training_set_weighted: kept in ``training_set`` (the final set a trainer reads),
+    unweighted and with its weights. Stages whose tables do not exist yet (no labels) are left out.
     """
     raw = (storage.scan("samples", [shard]).filter(pl.col("status") == "ok")
            .select("uid", "caption").sort("uid").collect())
     sets: dict[str, tuple[pl.DataFrame, Optional[np.ndarray]]] = {"raw": (raw, None)}
-    base = raw
     if storage.exists("filtered_samples"):
         filt = storage.scan("filtered_samples", [shard]).select("uid", "kept").collect()
         if filt.height:
             kept = raw.join(filt.filter(pl.col("kept")).select("uid"), on="uid", how="semi")
             sets["filtered"] = (kept, None)
-            base = kept
             if storage.exists(WEIGHTS):
                 w = storage.scan(WEIGHTS, [shard]).select("uid", "weight").collect()
                 joined = kept.join(w, on="uid", how="left", maintain_order="left")
@@ -255,10 +249,16 @@ def stage_sets(storage: DeltaStorage, shard: str, log: Any = None) -> dict[str, 
                     log.info(f"shard {shard}: {missing} kept samples have no weight yet; "
                              "re-materialise sample_weights to measure filtered_reweighted")
     if storage.exists("deduplicated_samples"):
-        dedup = storage.scan("deduplicated_samples").filter(pl.col("uid").str.starts_with(f"{shard}/")).collect()
+        dedup = storage.scan("deduplicated_samples", [shard]).select("uid", "kept").collect()
         if dedup.height:
-            keep = dedup.filter(_kept_column(dedup)).select("uid")
-            sets["deduplicated"] = (base.join(keep, on="uid", how="semi"), None)
+            sets["deduplicated"] = (raw.join(dedup.filter(pl.col("kept")).select("uid"), on="uid", how="semi"), None)
+    if storage.exists(TRAINING_SET):
+        final = (storage.scan(TRAINING_SET, [shard]).filter(pl.col("verdict") == "kept")
+                 .select("uid", "weight").collect())
+        if final.height:
+            joined = raw.join(final, on="uid", how="inner", maintain_order="left")
+            sets["training_set"] = (joined.select("uid", "caption"), None)
+            sets["training_set_weighted"] = (joined.select("uid", "caption"), joined["weight"].to_numpy())
     return sets
 
 
@@ -413,56 +413,101 @@ def _table_markdown(rows: pl.DataFrame, kinds: Sequence[str]) -> str:
 
 # --- assets ----------------------------------------------------------------------------------------------
 
+def measure_shard(storage: DeltaStorage, shard: str, cfg: BiasSettings, encoder: EncoderResource, use_clip: bool,
+                  log: Any = None) -> tuple[list[dict], list[str]]:
+    """The ratio rows of one shard at every stage that exists now, and those stages."""
+    sets = stage_sets(storage, shard, log)
+    raw = sets["raw"][0]
+    sources = [caption_attributes(raw, cfg)]
+    if use_clip:
+        clip = clip_attributes(storage, shard, raw["uid"], encoder, cfg)
+        if clip is not None:
+            sources.append(clip)
+    return measure(sets, sources, cfg.confidence), list(sets)
+
+
+def _ratio_pairs(cfg: BiasSettings, use_clip: bool) -> dict[str, list[tuple[str, str]]]:
+    pairs = {"caption": cfg.ratio_pairs}
+    if use_clip:
+        pairs["clip"] = [p for p in cfg.ratio_pairs if all(g in cfg.clip.prompts for g in p)]
+    return pairs
+
+
 @dg.asset(
     partitions_def=shard_partitions,
     backfill_policy=shard_backfill_policy,
-    deps=["samples", "filtered_samples", dg.AssetDep(WEIGHTS), dg.AssetDep("deduplicated_samples")],
+    deps=["samples", "filtered_samples", dg.AssetDep(WEIGHTS), dg.AssetDep("deduplicated_samples"),
+          dg.AssetDep(TRAINING_SET)],
     group_name="bias",
     kinds={"polars", "delta"},
 )
 def demographic_ratios(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
                        encoder: EncoderResource) -> dg.MaterializeResult:
-    """Who is in the data at each stage: per shard and overall, each group's share of samples (Wilson
-    interval), the ratio between groups (log-method interval) and each keyword's share, for raw, filtered,
-    filtered + reweighted and deduplicated samples. Caption groups come from configurable word lists; CLIP
-    zero-shot groups are added when a real open_clip checkpoint is configured. Every row carries the
-    version of its attribute source, so changing word lists or prompts never mixes with older numbers."""
+    """Who is in one shard at each stage: each group's share of samples (Wilson interval), the ratio between
+    groups (log-method interval) and each keyword's share, for every stage that exists when the shard is
+    measured (raw always; filtered, filtered_reweighted, deduplicated, training_set and
+    training_set_weighted once their tables exist, so a shard is measured before any label). Caption groups
+    come from configurable word lists; CLIP zero-shot groups are added when a real open_clip checkpoint is
+    configured. Every row carries the version of its attribute source, so changing word lists or prompts never
+    mixes with older numbers. Each shard writes only its own rows; the dataset-wide numbers are
+    ``overall_demographic_ratios``. ``bias_drift_sensor`` judges every new measurement."""
     cfg = load_settings(settings)
     use_clip = clip_enabled(encoder, cfg)
     now = datetime.now(timezone.utc)
     written = []
     for shard in partition_keys(context):
-        sets = stage_sets(storage, shard, context.log)
-        raw = sets["raw"][0]
-        sources = [caption_attributes(raw, cfg)]
-        if use_clip:
-            clip = clip_attributes(storage, shard, raw["uid"], encoder, cfg)
-            if clip is not None:
-                sources.append(clip)
-        rows = measure(sets, sources, cfg.confidence)
+        rows, stages = measure_shard(storage, shard, cfg, encoder, use_clip, context.log)
         frame = _frame(rows, shard, "shard", 1, context.run.run_id, now)
         storage.write_shard(RATIOS, frame, shard)
         written.append(frame)
-        context.log.info(f"shard {shard}: {raw.height} ok samples, stages {list(sets)}")
-    table = storage.read(RATIOS).filter(pl.col("scope") == "shard")
-    pairs = {"caption": cfg.ratio_pairs}
-    if use_clip:
-        pairs["clip"] = [p for p in cfg.ratio_pairs if all(g in cfg.clip.prompts for g in p)]
-    overall = _frame(overall_rows(table, pairs, cfg.confidence), OVERALL, "overall",
-                     table["shard"].n_unique(), context.run.run_id, now)
-    storage.write_shard(RATIOS, overall.with_columns(pl.col("n_shards").fill_null(0)), OVERALL)
-
+        context.log.info(f"shard {shard}: stages {stages}")
+    table = pl.concat(written) if written else pl.DataFrame(schema=RATIO_SCHEMA)
     metadata: dict[str, Any] = {"shards": dg.MetadataValue.int(len(written)),
-                                "overall_shards": dg.MetadataValue.int(int(table["shard"].n_unique()))}
+                                "stages": ", ".join(s for s in STAGES if s in set(table["stage"].to_list()))}
     if len(written) == 1:
         metadata.update(_metadata_values(written[0], ""))
-    metadata.update(_metadata_values(overall, "overall/"))
-    metadata["overall ratios"] = dg.MetadataValue.md(
+        metadata["ratios"] = dg.MetadataValue.md(_table_markdown(written[0], ["ratio"]))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("filtered_samples", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep(WEIGHTS), dg.AssetDep("deduplicated_samples"), dg.AssetDep(TRAINING_SET)],
+    group_name="bias",
+    kinds={"polars", "delta"},
+)
+def overall_demographic_ratios(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
+                               encoder: EncoderResource) -> dg.MaterializeResult:
+    """The bias-amplification story for the whole dataset: per stage (raw -> filtered -> filtered +
+    reweighted -> deduplicated -> training set, unweighted and weighted) each group's share, the ratios
+    between groups with log-method intervals, and the change against raw; OpenAI's keyword table. Rows have
+    ``shard = "_overall"``, ``scope = "overall"``. Every shard is measured afresh against the current tables
+    and the counts are summed (one writer of one table, so concurrent shard runs never lose an update)."""
+    cfg = load_settings(settings)
+    use_clip = clip_enabled(encoder, cfg)
+    now = datetime.now(timezone.utc)
+    frames = []
+    for shard in storage.shards("samples"):
+        rows, _ = measure_shard(storage, shard, cfg, encoder, use_clip)
+        frames.append(_frame(rows, shard, "shard", 1, context.run.run_id, now))
+    per_shard = pl.concat(frames) if frames else pl.DataFrame(schema=RATIO_SCHEMA)
+    overall = _frame(overall_rows(per_shard, _ratio_pairs(cfg, use_clip), cfg.confidence), OVERALL, "overall",
+                     len(frames), context.run.run_id, now).with_columns(pl.col("n_shards").fill_null(0))
+    storage.write_table(OVERALL_RATIOS, overall)
+    metadata: dict[str, Any] = {"shards": dg.MetadataValue.int(len(frames)), "dagster/row_count": overall.height}
+    metadata.update(_metadata_values(overall, ""))
+    metadata["ratios"] = dg.MetadataValue.md(
         _table_markdown(overall, ["ratio", "share"]) + "\n\n" + ratio_plot(overall, "overall ratio by stage"))
     metadata["keyword table (OpenAI)"] = dg.MetadataValue.md(_table_markdown(
         overall.filter(pl.col("stage").is_in(["filtered", "filtered_reweighted"]) & pl.col("change_vs_raw").is_not_null()
                        & pl.col("change_vs_raw").is_not_nan()), ["keyword"]))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def read_overall(storage: DeltaStorage) -> pl.DataFrame | None:
+    """The ``_overall`` ratio rows (None before ``overall_demographic_ratios`` ran)."""
+    return storage.read(OVERALL_RATIOS) if storage.exists(OVERALL_RATIOS) else None
 
 
 @dg.asset(
@@ -480,6 +525,10 @@ def sample_weights(context: dg.AssetExecutionContext, storage: DeltaStorage,
     ``weight`` to the training loader."""
     from curation_assets.core import reweighting
 
+    if not storage.exists("filtered_samples"):
+        from curation_assets.safety import awaiting_result, label_readiness, safety_config
+
+        return awaiting_result(label_readiness(storage, safety_config(settings)), WEIGHTS)
     cfg = load_settings(settings).reweighting
     ids, x = storage.load_embeddings()
     kept = storage.read("filtered_samples", columns=["uid", "kept"])
@@ -684,9 +733,10 @@ def demo_config(corpus_dir: Path) -> dict:
 def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
     """Women/men ratio raw, filtered and filtered + reweighted (overall, with intervals) and whether the
     acceptance holds: filtering shifts it by more than 5%, reweighting brings it back within 3% of raw."""
-    if not storage.exists(RATIOS):
-        return ["bias: demographic_ratios not materialised"]
-    table = storage.read(RATIOS).filter((pl.col("scope") == "overall") & (pl.col("source") == "caption"))
+    table = read_overall(storage)
+    if table is None:
+        return ["bias: overall_demographic_ratios not materialised"]
+    table = table.filter(pl.col("source") == "caption")
     ratios = {r["stage"]: r for r in table.filter(pl.col("kind") == "ratio").iter_rows(named=True)
               if r["group"] == "women/men"}
     lines = ["bias: women/men caption ratio (overall, 95% log-method interval)"]
@@ -700,6 +750,10 @@ def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
         back = abs(ratios["filtered_reweighted"]["change_vs_raw"])
         lines.append(f"  filtering shifts the ratio by {100 * shift:.1f}% (> 5%: {'yes' if shift > 0.05 else 'NO'}); "
                      f"reweighting leaves {100 * back:.1f}% (within 3%: {'yes' if back <= 0.03 else 'NO'})")
+    if "training_set_weighted" in ratios:
+        r = ratios["training_set_weighted"]
+        lines.append(f"  the final training set, as trained on (weighted): {r['value']:.3f} [{r['low']:.3f}, "
+                     f"{r['high']:.3f}], {100 * r['change_vs_raw']:+.1f}% vs raw")
     keywords = table.filter((pl.col("kind") == "keyword") & pl.col("stage").is_in(["filtered", "filtered_reweighted"]))
     if keywords.height:
         lines.append("  keyword change vs raw (filtered | filtered+reweighted):")
@@ -732,7 +786,7 @@ def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
 
 
 defs = dg.Definitions(
-    assets=[demographic_ratios, sample_weights],
+    assets=[demographic_ratios, overall_demographic_ratios, sample_weights],
     asset_checks=[demographic_drift],
     sensors=[bias_drift_sensor],
 )

@@ -8,6 +8,7 @@ tests all see the same data root:
 - ``CURATION_CONFIG``: optional YAML file with per-stage settings.
 - ``CURATION_ENCODER``: ``perceptual`` (default, weight-free) or ``open_clip``; with open_clip also
   ``CURATION_CLIP_MODEL`` and ``CURATION_CLIP_PRETRAINED`` (a pretrained tag or a local checkpoint path).
+- ``CURATION_REFRESH_CRON``: how often global assets may refresh by themselves (``automation.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import dagster as dg
 
-from curation_assets import audits, bias, dedup, embeddings, ingest, safety, sensors
+from curation_assets import audits, bias, dedup, embeddings, ingest, safety, sensors, training_set
+from curation_assets.automation import with_automation
 from resources.alerts import AlertSink
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
@@ -25,7 +27,7 @@ from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
 
-STAGES = (ingest, embeddings, safety, dedup, bias, audits, sensors)
+STAGES = (ingest, embeddings, safety, dedup, bias, training_set, audits, sensors)
 
 
 def build_resources(
@@ -55,12 +57,13 @@ def build_resources(
     }
 
 
-def build_definitions(**resource_overrides: Any) -> dg.Definitions:
-    """All stages merged, bound to the resources of ``build_resources(**resource_overrides)``."""
-    return dg.Definitions.merge(
+def build_definitions(refresh_cron: str | None = None, **resource_overrides: Any) -> dg.Definitions:
+    """All stages merged, with their automation (``automation.py``), bound to the resources of
+    ``build_resources(**resource_overrides)``."""
+    return with_automation(dg.Definitions.merge(
         *(stage.defs for stage in STAGES),
         dg.Definitions(resources=build_resources(**resource_overrides)),
-    )
+    ), refresh_cron)
 
 
 defs = build_definitions()

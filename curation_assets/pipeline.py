@@ -17,12 +17,24 @@ from curation_assets import runner
 from curation_assets.partitions import SHARDS
 
 
+INSTANCE_CONFIG = """\
+# The Dagster instance of this data root (make ui, curate run, the daemon). Automation batches shards (16 per
+# run) and the queue below caps concurrent runs, so a backlog of shards never floods the machine.
+telemetry:
+  enabled: false
+concurrency:
+  runs:
+    max_concurrent_runs: 4
+"""
+
+
 def dagster_home(root: str | Path) -> Path:
+    """``<root>/dagster_home``, with a ``dagster.yaml`` (:data:`INSTANCE_CONFIG`) written on first use."""
     home = Path(root).expanduser().resolve() / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+        config.write_text(INSTANCE_CONFIG)
     return home
 
 

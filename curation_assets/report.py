@@ -51,11 +51,43 @@ def _reasons(filtered: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns(pl.col("reason").fill_null("unspecified"))
 
 
+def _training_set_funnel(storage, samples: pl.DataFrame) -> tuple[pl.DataFrame, list[str], list[str]] | None:
+    """The funnel straight from ``training_set`` verdicts, when it exists and covers every sample."""
+    final = _read(storage, "training_set")
+    if final is None or "verdict" not in final.columns or final.height != samples.height:
+        return None
+    counts = dict(final.group_by("verdict").len().iter_rows())
+    rows = [("ingested", final.height), ("rejected at ingest", counts.get("rejected", 0))]
+    missing, notes = [], []
+    if final["filter_applied"].any():
+        reasons = (final.filter(pl.col("verdict") == "filtered")
+                   .select("uid", reason=pl.col("reason").str.split(",")).explode("reason"))
+        rows.append(("filtered (safety)", counts.get("filtered", 0)))
+        rows += [(f"  filtered: {r}", n) for r, n in
+                 reasons.group_by("reason").agg(n=pl.col("uid").n_unique()).sort("reason").iter_rows()]
+        if reasons.height > counts.get("filtered", 0):
+            notes.append("a sample filtered for several categories counts once in 'filtered' and once per category below it")
+    else:
+        missing.append("safety (awaiting labels)")
+        rows.append(("filtered (safety)", None))
+    rows.append(("removed as duplicates", counts.get("duplicate", 0)))
+    for verdict, step in (("not_embedded", "not embedded"), ("pending", "pending (arrived after the last refresh)")):
+        if counts.get(verdict):
+            rows.append((step, counts[verdict]))
+    rows.append(("kept", counts.get("kept", 0)))
+    notes.append("from training_set: every sample once with its final verdict")
+    df = pl.DataFrame(rows, schema={"step": pl.String, "samples": pl.Int64}, orient="row")
+    return df.with_columns(share_of_ingested=pl.col("samples") / final.height), notes, missing
+
+
 def funnel(storage) -> tuple[pl.DataFrame | None, list[str], list[str]]:
-    """(funnel table, notes, stages missing). Rows: step, samples, share of ingested."""
+    """(funnel table, notes, stages missing). Rows: step, samples, share of ingested. From ``training_set``
+    when it exists; otherwise assembled from the stage tables that exist."""
     samples = _read(storage, "samples")
     if samples is None:
         return None, [], ["ingest"]
+    if (from_final := _training_set_funnel(storage, samples)) is not None:
+        return from_final
     notes, missing = [], []
     ok = samples.filter(pl.col("status") == "ok").select("uid")
     total = samples.height
@@ -77,21 +109,11 @@ def funnel(storage) -> tuple[pl.DataFrame | None, list[str], list[str]]:
     else:
         missing.append("safety (filtered_samples)")
         rows.append(("filtered (safety)", None))
-    groups = _read(storage, "dedup_groups")
-    if groups is not None and {"uid", "group_id", "is_representative"} <= set(groups.columns):
-        sizes = groups.group_by("group_id").agg(size=pl.len())
-        removed = groups.join(sizes, on="group_id").filter((pl.col("size") > 1) & ~pl.col("is_representative"))
-        dup = remaining.join(removed.select("uid"), on="uid", how="semi")
-        rows.append(("removed as duplicates", dup.height))
-        remaining = remaining.join(dup, on="uid", how="anti")
-        dedup = _read(storage, "deduplicated_samples")
-        if dedup is not None and "uid" in dedup.columns:
-            n = dedup.filter(pl.col("kept")).height if "kept" in dedup.columns else dedup.height
-            notes.append(f"deduplicated_samples holds {n} rows")
-    else:
-        missing.append("dedup (dedup_groups)")
-        rows.append(("removed as duplicates", None))
-    rows.append(("kept", remaining.height))
+    # which duplicates leave depends on the filter (a group keeps its best member the filter keeps):
+    # only training_set resolves that, so without it the funnel stops before dedup
+    missing.append("final verdicts (training_set)")
+    rows.append(("removed as duplicates", None))
+    rows.append(("kept (before dedup)", remaining.height))
     df = pl.DataFrame(rows, schema={"step": pl.String, "samples": pl.Int64}, orient="row")
     return df.with_columns(share_of_ingested=pl.col("samples") / total), notes, missing
 
@@ -154,7 +176,9 @@ def active_learning_section(storage) -> rpt.Section:
 
 
 def bias_section(storage) -> rpt.Section:
-    df = _read(storage, "demographic_ratios")
+    df = _read(storage, "overall_demographic_ratios")
+    if df is None:
+        df = _read(storage, "demographic_ratios")
     if df is None:
         return _not_run("bias", "Group ratios per stage", "demographic_ratios", "bias")
     notes = []
@@ -203,15 +227,19 @@ def regurgitation_section(storage) -> rpt.Section:
                        blocks=[rpt.table_html(df, digits=4), rpt.link_list([("flagged matches, side by side", REGURGITATION_PAGE)])])
 
 
-def safety_section(storage) -> rpt.Section | None:
+def safety_section(storage, awaiting: str | None = None) -> rpt.Section | None:
     df = _read(storage, "safety_thresholds")
     if df is None:
-        return None
+        if awaiting is None:
+            return None
+        return rpt.Section("safety-thresholds", "Safety filter",
+                           missing=f"Pending: awaiting labels. {awaiting}")
     keep = [c for c in df.columns if not isinstance(df.schema[c], (pl.List, pl.Struct))]
     return rpt.Section("safety-thresholds", "Safety thresholds", blocks=[rpt.table_html(df.select(keep))])
 
 
-def build_report(storage, cfg, log=None) -> BuiltReport:
+def build_report(storage, cfg, log=None, awaiting: str | None = None) -> BuiltReport:
+    """``awaiting``: what the safety stage still needs (and the next command), when it has no labels yet."""
     from curation_assets.audits import CLIP_BIAS_PAGE, census_sections, clip_bias_sections
 
     sections: list[rpt.Section] = []
@@ -222,7 +250,7 @@ def build_report(storage, cfg, log=None) -> BuiltReport:
         sections.append(rpt.Section("funnel", "Funnel", notes=notes + [f"stage not run: {m}" for m in missing],
                                     blocks=[rpt.plot_html(_funnel_png(table), "funnel"), rpt.table_html(table)]))
     sections.append(active_learning_section(storage))
-    if (section := safety_section(storage)) is not None:
+    if (section := safety_section(storage, awaiting)) is not None:
         sections.append(section)
     sections.append(bias_section(storage))
     sections.append(dedup_recall_section(storage))

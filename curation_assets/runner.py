@@ -131,6 +131,9 @@ def materialize(
                 error = event.step_failure_data.error
                 failed[event.step_key] = error.message.strip().splitlines()[0] if error else "failed"
             blocked |= {k for k in runnable if k not in materialized}
+            # a failed blocking check stops what depends on its asset in later runs too, as it does in-run
+            blocked |= {e.asset_key for e in result.get_asset_check_evaluations()
+                        if not e.passed and e.blocking and e.severity == dg.AssetCheckSeverity.ERROR}
     if failed or skipped:
         raise PartialRunError(failed, sorted(set(skipped)))
     return results

@@ -62,6 +62,20 @@ def import_labels(file: str, root: str, config_path: str | None, annotator: str 
     if not report.ok and not skip_invalid:
         click.echo("nothing written: fix the rows above or pass --skip-invalid", err=True)
         sys.exit(1)
+    if report.written:
+        _record_in_instance(root, report.written)
+
+
+def _record_in_instance(root: str, written: int) -> None:
+    """Tell the data root's Dagster instance that ``labels`` changed, so automation retrains the classifiers
+    (``labels`` is written here, outside any run)."""
+    import dagster as dg
+
+    from curation_assets.pipeline import dagster_home
+
+    instance = dg.DagsterInstance.from_config(str(dagster_home(root)))
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        "labels", metadata={"rows_appended": written, "source": "curate labels import"}))
 
 
 @labels.command("export-queue")

@@ -120,31 +120,38 @@ def test_report_sections_cope_with_missing_stages(audited):
     assert "regurgitation.html" in page and "census.html" in page
     samples = audited.storage.read("samples")
     assert f"<td class=\"text\">ingested</td><td>{samples.height}</td>" in page
-    assert f"<td class=\"text\">kept</td><td>{samples.filter(pl.col('status') == 'ok').height}</td>" in page
+    assert f"<td class=\"text\">kept (before dedup)</td><td>{samples.filter(pl.col('status') == 'ok').height}</td>" in page
 
 
 def test_funnel_reconciles_with_filtering_and_dedup(audited, tmp_path):
+    from curation_assets.core.training_set import final_verdicts
     from curation_assets.report import funnel
 
     storage = DeltaStorage(root=str(tmp_path))
     samples = pl.DataFrame({"uid": [f"s/{i}" for i in range(10)], "shard": ["s"] * 10,
-                            "status": ["rejected"] + ["ok"] * 9})
+                            "status": ["rejected"] + ["ok"] * 9, "error": ["corrupt"] + [None] * 9})
     storage.write_table("samples", samples)
     table, _, missing = funnel(storage)
-    assert missing == ["safety (filtered_samples)", "dedup (dedup_groups)"]
-    assert dict(table.select("step", "samples").iter_rows())["kept"] == 9
-    storage.write_table("filtered_samples", pl.DataFrame({
-        "uid": [f"s/{i}" for i in range(1, 10)], "shard": ["s"] * 9, "kept": [False, False, False] + [True] * 6,
-        "reasons": [["violence"], ["sexual", "violence"], ["sexual"]] + [[]] * 6}))
-    storage.write_table("dedup_groups", pl.DataFrame({
-        "uid": ["s/1", "s/4", "s/5", "s/6", "s/7"], "group_id": ["a", "a", "b", "b", "b"],
-        "is_representative": [True, False, True, False, False]}))
+    assert missing == ["safety (filtered_samples)", "final verdicts (training_set)"]
+    assert dict(table.select("step", "samples").iter_rows())["kept (before dedup)"] == 9
+    filtered = pl.DataFrame({
+        "uid": [f"s/{i}" for i in range(10)], "shard": ["s"] * 10, "kept": [False] * 4 + [True] * 6,
+        "reasons": [["rejected"], ["violence"], ["sexual", "violence"], ["sexual"]] + [[]] * 6})
+    storage.write_table("filtered_samples", filtered)
+    # group a: s/1 has the highest resolution but is filtered, so s/4 (kept by the filter) stands for it
+    groups = pl.DataFrame({"uid": ["s/1", "s/4", "s/5", "s/6", "s/7"], "group_id": ["a", "a", "b", "b", "b"],
+                           "width": [512, 256, 256, 128, 128], "height": [512, 256, 256, 128, 128]})
+    dedup = pl.DataFrame({"uid": [f"s/{i}" for i in range(10)],
+                          "status": ["rejected", "representative", "singleton", "singleton", "duplicate",
+                                     "representative", "duplicate", "duplicate", "singleton", "singleton"]})
+    storage.write_table("training_set", final_verdicts(samples, dedup, groups, filtered, None, None,
+                                                       ["highest_resolution", "uid"]))
     table, _, missing = funnel(storage)
     steps = dict(table.select("step", "samples").iter_rows())
     assert missing == []
     assert steps["filtered (safety)"] == 3 and steps["  filtered: violence"] == 2 and steps["  filtered: sexual"] == 2
-    assert steps["removed as duplicates"] == 3  # s/4, s/6, s/7 (s/1 was filtered already)
-    assert steps["kept"] == 3
+    assert steps["removed as duplicates"] == 2  # s/6, s/7; s/4 stays for its filtered twin s/1
+    assert steps["kept"] == 4  # s/4, s/5, s/8, s/9
     assert steps["rejected at ingest"] + steps["filtered (safety)"] + steps["removed as duplicates"] + steps["kept"] == steps["ingested"]
 
 

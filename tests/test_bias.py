@@ -83,13 +83,13 @@ def drift_copy(tmp_path_factory, dest: Path, config: dict | None = None, section
 def reweighted(tmp_path_factory):
     corpus, pipeline = drift_copy(tmp_path_factory, tmp_path_factory.mktemp("bias_root") / "root")
     write_truth_filter(pipeline.storage, corpus)
-    pipeline.materialize(["sample_weights", "demographic_ratios"])
+    pipeline.materialize(["sample_weights", "demographic_ratios", "overall_demographic_ratios"])
     pipeline.corpus = corpus
     return pipeline
 
 
 def _overall_ratio(storage, stage):
-    t = storage.read("demographic_ratios").filter(
+    t = storage.read(bias.OVERALL_RATIOS).filter(
         (pl.col("scope") == "overall") & (pl.col("kind") == "ratio") & (pl.col("stage") == stage)
         & (pl.col("source") == "caption") & (pl.col("group") == "women/men"))
     assert t.height == 1
@@ -119,7 +119,8 @@ def reweighted_real_filter(tmp_path_factory):
                                   sections={"safety": SMALL_SAFETY})
     safety.demo_active_learning(lambda names: pipeline.materialize(names), pipeline.storage, pipeline.settings,
                                 corpus, rounds=1)
-    pipeline.materialize(["safety_scores", "filtered_samples", "sample_weights", "demographic_ratios"])
+    pipeline.materialize(["safety_scores", "filtered_samples", "sample_weights", "demographic_ratios",
+                          "overall_demographic_ratios"])
     pipeline.corpus = corpus
     return pipeline
 
@@ -144,7 +145,7 @@ def test_real_safety_filter_shift_is_restored_by_reweighting(reweighted_real_fil
 
 def test_ratio_table_counts_reconcile_with_captions_and_truth(reweighted):
     storage = reweighted.storage
-    table = storage.read("demographic_ratios")
+    table = pl.concat([storage.read("demographic_ratios"), storage.read(bias.OVERALL_RATIOS)])
     samples = storage.read("samples").filter(pl.col("status") == "ok")
     truth = pl.read_parquet(reweighted.corpus / "ground_truth.parquet").join(samples.select("uid"), on="uid")
     version = CaptionMatcher(bias.load_settings(reweighted.settings).caption_groups).version

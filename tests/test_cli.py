@@ -1,6 +1,8 @@
 """The ``curate`` command line, end to end on a tiny corpus."""
 
 
+import re
+
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -9,7 +11,7 @@ from curation_assets.cli import main
 
 
 @pytest.mark.slow
-def test_demo_data_then_run_without_labels_is_a_clear_partial_run(tmp_path):
+def test_demo_data_then_run_without_labels_curates_and_says_what_is_next(tmp_path):
     runner = CliRunner()
     corpus = tmp_path / "corpus"
     made = runner.invoke(main, ["demo-data", "--out", str(corpus), "--shards", "2", "--per-shard", "60",
@@ -19,20 +21,22 @@ def test_demo_data_then_run_without_labels_is_a_clear_partial_run(tmp_path):
 
     root = tmp_path / "root"
     result = runner.invoke(main, ["run", "--shards-dir", str(corpus), "--root", str(root)])
-    assert result.exit_code == 1, result.output
-    assert "safety_classifiers" in result.output and "label" in result.output.lower()
+    assert result.exit_code == 0, result.output
+    assert "safety: awaiting labels" in result.output and "curate labels import" in result.output
     samples = pl.read_delta(str(root / "delta" / "samples"))
     assert samples.height == 120 and sorted(samples["shard"].unique()) == ["00000", "00001"]
     embedded = pl.read_delta(str(root / "delta" / "image_embeddings")).height
     assert embedded == samples.filter(pl.col("status") == "ok").height
-    for table in ("duplicate_pairs", "dedup_recall", "kmeans_centroids"):
+    for table in ("duplicate_pairs", "dedup_recall", "kmeans_centroids", "dedup_groups", "training_set"):
         assert (root / "delta" / table).is_dir(), f"{table} needs no labels and still ran"
-    for table in ("safety_scores", "filtered_samples", "dedup_groups", "curation_report"):
-        assert not (root / "delta" / table).exists(), f"{table} is downstream of the failed stage"
-    assert "not run because an upstream asset failed" in result.output
+    for table in ("safety_scores", "filtered_samples", "sample_weights"):
+        assert not (root / "delta" / table).exists(), f"{table} needs labels"
+    final = pl.read_delta(str(root / "delta" / "training_set"))
+    kept = final.filter(pl.col("verdict") == "kept").height
+    assert re.search(r"^\s+kept\s+(\d+)$", result.output, re.M).group(1) == str(kept)
 
     report = runner.invoke(main, ["report", "--root", str(root)])
-    assert report.exit_code == 1 and "no report yet" in report.output
+    assert report.exit_code == 0 and report.output.strip().endswith("curation_report.html")
 
 
 def test_run_needs_existing_directories(tmp_path):

@@ -1,5 +1,7 @@
-"""bias_drift_sensor under a real dagster-daemon: the drifted shard's alert lands in the alerts table."""
+"""Hands-off under a real dagster-daemon: shards dropped into the watched directory flow through every per-shard
+asset to their demographic ratios with no click and no `materialize` call, and the drifted one alerts."""
 
+import json
 import os
 import shutil
 import time
@@ -7,62 +9,110 @@ import warnings
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from tests.conftest import dagster_daemon
-
 from tests.test_bias import DRIFTED, drift_base
 
 REPO = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
+CHECK = dg.AssetCheckKey(dg.AssetKey("demographic_ratios"), "demographic_drift")
+
+
+def _drop(src: Path, dest_dir: Path, name: str | None = None) -> None:
+    """Copy a shard in the way a downloader should: under a temporary name, then an atomic rename."""
+    dest = dest_dir / (name or src.name)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copy(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _wait(what: str, condition, daemon, log_path: Path, seconds: float):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert daemon.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(2)
+    pytest.fail(f"{what} did not happen in {seconds:.0f}s:\n" + log_path.read_text()[-4000:])
+
+
+def _sensor_verdicts(instance) -> list[dict]:
+    """The demographic_drift evaluations bias_drift_sensor recorded, newest first: {shard: status}, passed."""
+    out = []
+    for record in instance.event_log_storage.get_asset_check_execution_history(CHECK, limit=50):
+        data = record.event.dagster_event.event_specific_data if record.event and record.event.dagster_event else None
+        if "reported_by" in (getattr(data, "metadata", None) or {}):
+            out.append({"statuses": data.metadata["statuses"].value, "passed": data.passed,
+                        "drifted": data.metadata["drifted_shards"].value})
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_real_daemon_alerts_on_the_drifted_shard(tmp_path, tmp_path_factory):
+@pytest.mark.timeout(900)
+def test_dropped_shards_flow_to_a_drift_alert_with_no_clicks(tmp_path, tmp_path_factory):
+    from curation_assets.core import delta
     from curation_assets.demo import demo_config
-    from curation_assets.pipeline import open_pipeline
+    from curation_assets.pipeline import INSTANCE_CONFIG
     from resources.alerts import AlertSink
+    from resources.storage import DeltaStorage
 
-    corpus, base_root = drift_base(tmp_path_factory)
-    root, home = tmp_path / "root", tmp_path / "home"
-    shutil.copytree(base_root, root, ignore=shutil.ignore_patterns("dagster_home"))
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    config = demo_config(corpus, root)
-    instance = dg.DagsterInstance.from_config(str(home))
-    pipeline = open_pipeline(root, corpus, str(config), instance=instance)
-    pipeline.register_all_shards()
-    pipeline.materialize(["demographic_ratios"])
-    assert AlertSink().read(pipeline.storage).height == 0
-
+    corpus, _ = drift_base(tmp_path_factory)
+    root, home, watched = tmp_path / "root", tmp_path / "home", tmp_path / "watched"
+    for d in (root, home, watched):
+        d.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_CONFIG)
+    config = demo_config(corpus, tmp_path)
     workspace = tmp_path / "workspace.yaml"
     shutil.copy(REPO / "workspace.yaml", workspace)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "CURATION_ROOT": str(root), "CURATION_SHARDS": str(corpus),
-           "CURATION_CONFIG": str(config), "PYTHONPATH": str(REPO)}
-    # bias_drift_sensor is RUNNING by default: the daemon ticks it without a `dagster sensor start`
+    # the global assets' hourly refresh is not what this test is about: keep it from starting mid-test
+    env = {**os.environ, "DAGSTER_HOME": str(home), "CURATION_ROOT": str(root), "CURATION_SHARDS": str(watched),
+           "CURATION_CONFIG": str(config), "CURATION_REFRESH_CRON": "0 0 1 1 *", "PYTHONPATH": str(REPO)}
+    storage = DeltaStorage(root=str(root))
+    ratios = root / "delta" / "demographic_ratios"
+
+    def measured() -> set[str]:
+        return set(delta.read(ratios, columns=["shard"])["shard"].unique()) if delta.table_exists(ratios) else set()
+
+    reference = sorted(p for p in corpus.glob("*.tar") if p.stem != DRIFTED)
+    assert len(reference) == 4
+    # no `dagster sensor start`: new_shards_sensor, curation_automation and bias_drift_sensor are on by default
     with dagster_daemon(workspace, env, tmp_path) as (daemon, log_path):
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if AlertSink().read(pipeline.storage).height:
-                break
-            assert daemon.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(2)
-        else:
-            pytest.fail("no drift alert from the daemon in time:\n" + log_path.read_text()[-3000:])
-        time.sleep(3)  # a second write would show up here
-        alerts = AlertSink().read(pipeline.storage)
-        assert alerts.height == 1
+        for tar in reference:
+            _drop(tar, watched)
+            _drop(tar.with_suffix(".parquet"), watched)
+        _wait("the four reference shards measured", lambda: measured() >= {p.stem for p in reference},
+              daemon, log_path, 360)
+        assert AlertSink().read(storage).height == 0
+
+        _drop(corpus / f"{DRIFTED}.tar", watched)
+        _wait("a drift alert", lambda: AlertSink().read(storage).height, daemon, log_path, 240)
+        alerts = AlertSink().read(storage)
         assert alerts["shard"].to_list() == [DRIFTED] and alerts["source"].to_list() == ["bias_drift"]
-        # the sensor's verdict is also recorded as a failed demographic_drift check evaluation in the instance
-        key = dg.AssetCheckKey(dg.AssetKey("demographic_ratios"), "demographic_drift")
-        while time.time() < deadline:
-            evaluations = [r.event.dagster_event.event_specific_data
-                           for r in instance.event_log_storage.get_asset_check_execution_history(key, limit=20)
-                           if r.event is not None and r.event.dagster_event is not None]
-            from_sensor = [e for e in evaluations if getattr(e, "metadata", {}).get("reported_by")]
-            if from_sensor:
-                break
-            time.sleep(2)
-        assert from_sensor, "the sensor's check evaluation never reached the instance"
-        assert not from_sensor[0].passed and from_sensor[0].metadata["drifted_shards"].value == [DRIFTED]
+        instance = dg.DagsterInstance.from_config(str(home))
+        failed = _wait("a failed demographic_drift check from the sensor",
+                       lambda: [v for v in _sensor_verdicts(instance) if DRIFTED in v["statuses"]], daemon, log_path, 120)
+        assert not failed[0]["passed"] and failed[0]["drifted"] == [DRIFTED]
+
+        normal = "00005"
+        _drop(reference[-1], watched, f"{normal}.tar")  # a normal shard under a new name
+        judged = _wait("the normal shard judged", lambda: [v for v in _sensor_verdicts(instance)
+                                                           if normal in v["statuses"]], daemon, log_path, 240)
+        assert judged[0]["passed"] and judged[0]["statuses"][normal] != "alert"
+        assert AlertSink().read(storage).height == 1
+
+    # every per-shard asset ran for every shard, each shard's rows counted once, and the runs came from
+    # automation (no run was launched by hand)
+    shards = {p.stem for p in reference} | {DRIFTED, normal}
+    assert set(instance.get_dynamic_partitions("shards")) == shards
+    for table in ("samples", "image_embeddings", "demographic_ratios"):
+        assert set(storage.read(table, columns=["shard"])["shard"].unique()) == shards, table
+    samples = storage.read("samples", columns=["uid"])
+    assert samples.height == samples["uid"].n_unique()
+    runs = instance.get_runs()
+    assert runs and all(r.tags.get("dagster/from_automation_condition") == "true" for r in runs), \
+        [json.dumps(r.tags) for r in runs]
+    raw = storage.read("demographic_ratios").filter((pl.col("stage") == "raw") & (pl.col("kind") == "share"))
+    assert set(raw["shard"]) == shards

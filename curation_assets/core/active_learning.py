@@ -193,3 +193,27 @@ class QueueBuilder:
             if len(chosen) < batch_size and self.quotas[procedure] > 0:
                 take(procedure, batch_size - len(chosen))
         return chosen
+
+
+def diverse_sample(x: np.ndarray, n: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """A first labelling batch chosen without any model: ``n`` rows spread over the data.
+
+    Spherical k-means with ``n`` centroids partitions ``x`` into regions whose sizes follow the data's density,
+    and the row nearest each centroid represents its region, so the batch covers common and rare kinds of
+    image alike (a stratified, diverse sample). Returns (row indices into ``x``, size of each row's region),
+    largest regions first. ``x`` should already be a bounded random sample of the corpus."""
+    from curation_assets.core.dedup import assign, fit_centroids
+
+    if len(x) == 0 or n <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if n >= len(x):
+        return np.arange(len(x), dtype=np.int64), np.ones(len(x), np.int64)
+    centroids = fit_centroids(x, n, seed, niter)
+    labels, sims = assign(x, centroids)
+    rows, sizes = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rows.append(int(members[np.argmax(sims[members])]))
+        sizes.append(len(members))
+    order = np.argsort(-np.asarray(sizes), kind="stable")
+    return np.asarray(rows, np.int64)[order], np.asarray(sizes, np.int64)[order]

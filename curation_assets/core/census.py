@@ -116,21 +116,18 @@ def face_summary(faces: pl.DataFrame) -> pl.DataFrame:
                       total.select(per.columns).with_columns(pl.col("images_scanned").cast(pl.Int64))]).sort("shard")
 
 
-def score_summary(scores: pl.DataFrame, score_columns: Sequence[str]) -> pl.DataFrame:
-    """Per score column, per shard and overall: n, mean, p50, p95, p99 and max."""
-    rows = []
-    for column in score_columns:
-        if column not in scores.columns:
-            continue
-        aggs = [pl.col(column).count().alias("n"), pl.col(column).mean().alias("mean"),
-                pl.col(column).quantile(0.5).alias("p50"), pl.col(column).quantile(0.95).alias("p95"),
-                pl.col(column).quantile(0.99).alias("p99"), pl.col(column).max().alias("max")]
-        per = scores.group_by("shard").agg(aggs)
-        total = scores.select(aggs).with_columns(shard=pl.lit("all"))
-        both = pl.concat([per.with_columns(pl.all().exclude("shard").cast(pl.Float64)),
-                          total.select(per.columns).with_columns(pl.all().exclude("shard").cast(pl.Float64))])
-        rows.append(both.with_columns(score=pl.lit(column)))
-    return pl.concat(rows).sort("score", "shard") if rows else pl.DataFrame()
+def category_score_summary(scores: pl.DataFrame) -> pl.DataFrame:
+    """The ``score`` of ``safety_scores`` (long format: one row per uid and category) summarised per category,
+    per shard and overall: n, mean, p50, p95, p99, max and the share flagged at the category's threshold."""
+    aggs = [pl.col("score").count().cast(pl.Float64).alias("n"), pl.col("score").mean().alias("mean"),
+            pl.col("score").quantile(0.5).alias("p50"), pl.col("score").quantile(0.95).alias("p95"),
+            pl.col("score").quantile(0.99).alias("p99"), pl.col("score").max().cast(pl.Float64).alias("max")]
+    if "flagged" in scores.columns:
+        aggs.append(pl.col("flagged").cast(pl.Float64).mean().alias("flagged_share"))
+    per = scores.group_by("category", "shard").agg(aggs)
+    total = scores.group_by("category").agg(aggs).with_columns(shard=pl.lit("all"))
+    out = pl.concat([per, total.select(per.columns)]).with_columns(pl.exclude("category", "shard").cast(pl.Float64))
+    return out.rename({"category": "score"}).sort("score", "shard")
 
 
 def duplicate_rate(groups: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:

@@ -198,7 +198,7 @@ def write_queue_csv(queue: pl.DataFrame, out: str | Path, image_ref: dict[str, s
             writer.writerow({
                 "uid": row["uid"], "category": row["category"], "label": "",
                 "image": image_ref.get(row["uid"], ""), "why": row["why"], "procedure": row["procedure"],
-                "score": f"{row['score']:.6f}", "round": row["round"],
+                "score": "" if row["score"] is None else f"{row['score']:.6f}", "round": row["round"],
                 "definition": definitions.get(row["category"], ""), "source": f"queue:{row['procedure']}",
             })
     return queue.height
