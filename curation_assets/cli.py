@@ -44,15 +44,130 @@ def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, 
     from curation_assets.runner import PartialRunError
 
     pipeline = open_pipeline(root, shards_dir, config_path)
+    refs, skipped = pipeline.defs.resources["shard_source"].scan()
     fresh = pipeline.register_all_shards()
-    click.echo(f"{len(pipeline.shards())} shards ({len(fresh)} new) in {shards_dir}; Dagster home {pipeline.dagster_home}")
+    present = {ref.key for ref in refs}
+    missing = [key for key in pipeline.shards() if key not in present]
+    click.echo(f"{len(refs)} shards ({len(fresh)} new) in {shards_dir}; Dagster home {pipeline.dagster_home}")
+    for ref in refs:
+        if ref.key != ref.tar.stem:
+            click.echo(f"  {ref.name}: partition key {ref.key!r} (the name does not fit the key rule)")
+    for item in skipped:
+        click.echo(f"  skipped {item.name}: {item.reason}")
+    for key in missing:
+        click.echo(f"  shard {key} is registered but its file is gone: left as it was "
+                   f"(`curate shards remove {key} --root {root}` forgets it)")
+    shards = [key for key in pipeline.shards() if key in present]
     try:
-        pipeline.materialize(list(assets) or None, progress=True, keep_going=True)
+        pipeline.materialize(list(assets) or None, shards=shards, progress=True, keep_going=True)
     except PartialRunError as exc:
         click.echo(str(exc), err=True)
         click.echo(f"partial run; tables under {Path(root).resolve() / 'delta'}", err=True)
         sys.exit(1)
-    click.echo(f"done; tables under {Path(root).resolve() / 'delta'}")
+    for line in summary_lines(pipeline, root, shards_dir, config_path):
+        click.echo(line)
+    unreadable = unreadable_shards(pipeline.storage, shards)
+    if unreadable:
+        for key, error in unreadable.items():
+            click.echo(f"shard {key} failed: {error}", err=True)
+        click.echo(f"{len(unreadable)} of {len(shards)} shards could not be read; the others were curated", err=True)
+        sys.exit(1)
+
+
+def unreadable_shards(storage, shards: list[str]) -> dict[str, str]:
+    """Shards whose file could not be read as a tar at all (their one ``_shard_unreadable`` row), with why."""
+    import polars as pl
+
+    from curation_assets.core.shards import UNREADABLE_KEY
+
+    if not storage.exists("samples") or not shards:
+        return {}
+    rows = storage.scan("samples", shards).filter(pl.col("key") == UNREADABLE_KEY).select("shard", "error").collect()
+    return dict(rows.iter_rows())
+
+
+@main.group("shards")
+def shards_group() -> None:
+    """The shards a data root knows: list them, or forget one."""
+
+
+@shards_group.command("list")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--shards-dir", type=click.Path(file_okay=False), default=None, help="default: <root>/shards")
+def list_shards(root: str, shards_dir: str | None) -> None:
+    """Every registered shard with its file and state, and every file skipped with the reason."""
+    from curation_assets.pipeline import open_pipeline
+
+    pipeline = open_pipeline(root, shards_dir or str(Path(root) / "shards"))
+    refs, skipped = pipeline.defs.resources["shard_source"].scan()
+    by_key = {ref.key: ref for ref in refs}
+    keys = pipeline.shards()
+    bad = unreadable_shards(pipeline.storage, keys)
+    for key in keys:
+        state = "missing file" if key not in by_key else ("unreadable" if key in bad else "ok")
+        click.echo(f"{key}\t{by_key[key].name if key in by_key else '-'}\t{state}")
+    for ref in refs:
+        if ref.key not in keys:
+            click.echo(f"{ref.key}\t{ref.name}\tnot registered yet")
+    for item in skipped:
+        click.echo(f"-\t{item.name}\tskipped: {item.reason}")
+
+
+@shards_group.command("remove")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True)
+def remove_shards(keys: tuple[str, ...], root: str) -> None:
+    """Forget shards: delete their rows from every per-shard table and their partitions from the instance.
+    Global assets (dedup, weights, the training set, the report) drop them on their next refresh."""
+    import dagster as dg
+
+    from curation_assets.partitions import SHARDS
+    from curation_assets.pipeline import dagster_home
+    from resources.storage import DeltaStorage
+
+    storage = DeltaStorage(root=root)
+    instance = dg.DagsterInstance.from_config(str(dagster_home(root)))
+    known = set(instance.get_dynamic_partitions(SHARDS))
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        click.echo(f"not registered shards: {', '.join(unknown)}", err=True)
+        sys.exit(2)
+    for key in keys:
+        tables = storage.delete_shard(key)
+        instance.delete_dynamic_partition(SHARDS, key)
+        click.echo(f"removed shard {key}: rows deleted from {', '.join(tables) or 'no table'}")
+    click.echo("run `curate run` (or wait for the global refresh) to bring dedup, weights and the training set up to date")
+
+
+def summary_lines(pipeline, root: str, shards_dir: str, config_path: str | None) -> list[str]:
+    """What a run left behind, on one screen: the training set's verdicts, the safety stage's state and the
+    command to type next."""
+    import polars as pl
+
+    from curation_assets.report import funnel
+    from curation_assets.safety import awaiting_message, classifiers_trained, label_readiness, safety_config
+
+    storage = pipeline.storage
+    lines = [f"done; tables under {storage.root_path / 'delta'}"]
+    table, _, _ = funnel(storage)
+    if table is not None:
+        lines += [f"  {step:<42} {'' if n is None else n:>9}" for step, n in table.select("step", "samples").iter_rows()]
+    overall = storage.read("overall_demographic_ratios") if storage.exists("overall_demographic_ratios") else None
+    if overall is not None:
+        ratios = overall.filter((pl.col("kind") == "ratio") & (pl.col("source") == "caption"))
+        for group in ratios["group"].unique().sort().to_list():
+            by_stage = {r["stage"]: r["value"] for r in ratios.filter(pl.col("group") == group).iter_rows(named=True)}
+            lines.append(f"  {group} caption ratio: " + ", ".join(f"{s} {v:.3f}" for s, v in by_stage.items()))
+    config = f" --config {config_path}" if config_path else ""
+    if not classifiers_trained(storage):
+        need = awaiting_message(label_readiness(storage, safety_config(pipeline.settings)))
+        lines += [f"safety: awaiting labels ({need or 'no classifier yet'})",
+                  "next: label the queue the run proposed, then run again:",
+                  f"  curate labels export-queue --root {root}{config} --out queue.csv",
+                  f"  curate labels import queue.csv --root {root}{config}",
+                  f"  curate run --shards-dir {shards_dir} --root {root}{config}"]
+    lines.append(f"report: {storage.reports_dir() / 'curation_report.html'}")
+    return lines
 
 
 @main.command("report")

@@ -2,8 +2,9 @@
 measured on the user's own data.
 
 - ``kmeans_centroids`` (partitioned by clustering "1".."5"): spherical k-means centroids fitted on a random
-  subset of the embeddings drawn with the clustering's seed; ``.npy`` files under
-  ``<root>/artifacts/kmeans_centroids`` plus a small Delta table describing each fit.
+  subset of the embeddings drawn with the clustering's seed; one ``.npy`` file per fit under
+  ``<root>/artifacts/kmeans_centroids`` (named by its content hash, never overwritten) plus a small Delta table
+  describing each fit, written last, with paths relative to the data root (a copied root reads its own files).
 - ``cluster_assignments`` (per shard): each embedding's nearest centroid in every clustering, so a new shard
   is assigned without refitting.
 - ``duplicate_pairs``: within each cluster, all pairs with cosine >= the threshold (blocked matrix products),
@@ -23,6 +24,7 @@ assignments), when the dataset has grown several-fold since the fit (K follows n
 
 
 import hashlib
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,8 +93,36 @@ def _encoder_name(ids: pl.DataFrame) -> str:
     return encoders[0]
 
 
-def _centroid_path(storage: DeltaStorage, clustering: str) -> Path:
-    return storage.artifact_dir(CENTROIDS) / f"clustering_{clustering}.npy"
+def _save_centroids(storage: DeltaStorage, clustering: str, centroids: np.ndarray, version: str) -> str:
+    """Write a fit under a name of its own (``clustering_<c>_<version>.npy``; write a temporary file, then
+    rename) and return its path relative to the data root. Files are never overwritten in place, so a crash
+    between fits leaves the table pointing at complete files of the previous fit."""
+    directory = storage.artifact_dir(CENTROIDS)
+    final = directory / f"clustering_{clustering}_{version}.npy"
+    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as handle:
+        np.save(handle, centroids)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    return final.relative_to(storage.root_path).as_posix()
+
+
+def _load_centroids(storage: DeltaStorage, row: dict) -> np.ndarray:
+    """The centroids a ``kmeans_centroids`` row names, checked against the row (shape and content hash)."""
+    path = storage.root_path / row["path"]
+    if not path.is_file():
+        raise dg.Failure(f"kmeans_centroids row of clustering {row['clustering']} names {row['path']}, which is "
+                         "missing: re-materialise kmeans_centroids")
+    centroids = np.load(path)
+    if centroids.shape != (row["k"], row["dim"]) or _centroid_version(centroids) != row["version"]:
+        raise dg.Failure(f"{row['path']} does not hold the centroids its kmeans_centroids row describes "
+                         f"(shape {centroids.shape}, expected ({row['k']}, {row['dim']})): re-materialise kmeans_centroids")
+    return centroids
+
+
+def _centroid_version(centroids: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(centroids).tobytes()).hexdigest()[:16]
 
 
 def _write_centroid_rows(storage: DeltaStorage, df: pl.DataFrame) -> None:
@@ -164,13 +194,12 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
         seed = seeds[key]
         x_fit = fit_rows[key]
         centroids = core.fit_centroids(x_fit, k, seed, cfg.niter, kmeans=vector_search.kmeans)
-        path = _centroid_path(storage, key)
-        np.save(path, centroids)
-        version = hashlib.sha1(centroids.tobytes()).hexdigest()[:16]
+        version = _centroid_version(centroids)
+        path = _save_centroids(storage, key, centroids, version)
         seconds = time.perf_counter() - started
         rows.append({"clustering": key, "k": len(centroids), "dim": centroids.shape[1], "n_embeddings": n,
                      "n_fit": len(x_fit), "seed": seed, "niter": cfg.niter, "encoder": encoder, "version": version,
-                     "path": str(path), "fit_seconds": seconds, "fitted_at": datetime.now(timezone.utc).isoformat()})
+                     "path": path, "fit_seconds": seconds, "fitted_at": datetime.now(timezone.utc).isoformat()})
         context.log.info(f"clustering {key}: K={len(centroids)} fitted on {len(x_fit)} of {n} in {seconds:.1f}s")
         meta[f"version_{key}"] = version
     _write_centroid_rows(storage, pl.DataFrame(rows))
@@ -222,7 +251,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage
     centroid similarity, centroids version). Per shard, so new shards need no refit; ``duplicate_pairs``
     refuses assignments made with centroids that have since been refitted."""
     table = _current_centroids(storage)
-    centroids = {r["clustering"]: (np.load(r["path"]), r["version"]) for r in table.iter_rows(named=True)}
+    centroids = {r["clustering"]: (_load_centroids(storage, r), r["version"]) for r in table.iter_rows(named=True)}
     total, sims = 0, []
     for shard in partition_keys(context):
         ids, x = storage.load_embeddings([shard])
@@ -394,31 +423,18 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     })
 
 
-def _safety_score(storage: DeltaStorage) -> pl.DataFrame | None:
-    """Max safety score over categories per uid, or None when ``safety_scores`` does not exist."""
-    if not storage.exists("safety_scores"):
-        return None
-    scores = storage.scan("safety_scores")
-    names = scores.collect_schema().names()
-    if "score" not in names:
-        return None
-    return scores.group_by("uid").agg(pl.col("score").cast(pl.Float64).max().alias("safety_score")).collect()
-
-
 @dg.asset(
     group_name=GROUP,
-    # safety_scores feeds the representative policy: depending on it orders the runs, so the choice does not
-    # depend on whether safety happened to run first
-    deps=["duplicate_pairs", dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep("safety_scores", partition_mapping=dg.AllPartitionMapping())],
+    deps=["duplicate_pairs", dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping())],
     kinds={"scipy", "deltalake"},
 )
 def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
                  settings: CurationSettings) -> dg.MaterializeResult:
     """Duplicate groups: connected components of the duplicate-pair graph (members of groups of 2+ only).
     ``group_id`` is the group's smallest uid; one member per group is the representative, chosen by
-    ``representative.order`` (default: highest resolution, then lowest max safety score when safety_scores
-    exists, then smallest uid)."""
+    ``representative.order`` without the safety keys (default: highest resolution, then smallest uid), so
+    dedup needs no label. ``training_set`` applies the whole order, safety keys included, among the members
+    the safety filter keeps: a group disappears from training only when every member is filtered."""
     cfg = dedup_settings(settings)
     pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "verified"])
     candidates = pairs.height
@@ -430,13 +446,9 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
     groups = core.group_frame(nodes.to_list(), core.connected_components(len(nodes), a, b))
     samples = storage.scan("samples").select("uid", "shard", "width", "height").collect()
     members = groups.join(samples, on="uid", how="left")
-    safety = _safety_score(storage)
-    used_safety = safety is not None and any("safety" in k for k in cfg.representative_order)
-    if safety is not None:
-        members = members.join(safety, on="uid", how="left")
     ranked = core.choose_representatives(members, cfg.representative_order)
     out = ranked.select("uid", "shard", "group_id", "group_size", "is_representative", "representative_uid",
-                        "width", "height", *(["safety_score"] if safety is not None else []))
+                        "width", "height")
     storage.write_table("dedup_groups", out)
     sizes = out.group_by("group_id").agg(pl.len().alias("n"))["n"]
     hist = ""
@@ -458,7 +470,6 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
         "duplicates_removed": int(out.height - sizes.len()),
         "largest_group": int(sizes.max()) if sizes.len() else 0,
         "representative_order": ", ".join(cfg.representative_order),
-        "safety_scores_used": used_safety,
         "group_sizes": dg.MetadataValue.md(hist or "no groups"),
     })
 

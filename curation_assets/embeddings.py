@@ -46,7 +46,13 @@ def image_embeddings(
         member_uid = dict(zip(ok["image_member"].to_list(), ok["uid"].to_list()))
         uids: list[str] = []
         blocks: list[np.ndarray] = []
-        for chunk in iter_image_batches(shard_source.get(shard).tar, member_uid, batch * 4):
+        if member_uid:
+            try:
+                tar = shard_source.get(shard).tar
+            except FileNotFoundError as exc:
+                context.log.warning(f"{exc}; its embeddings stay as they were")
+                continue
+        for chunk in iter_image_batches(tar, member_uid, batch * 4) if member_uid else ():
             blocks.append(model.encode_bytes([data for _, data in chunk]))
             uids.extend(member_uid[name] for name, _ in chunk)
         missing = set(member_uid.values()) - set(uids)

@@ -4,7 +4,7 @@
 import dagster as dg
 import polars as pl
 
-from curation_assets.core.shards import IngestLimits, read_shard
+from curation_assets.core.shards import IngestLimits, read_shard, unreadable_shard
 from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -26,13 +26,29 @@ def samples(
     """One row per sample of the shard: uid, caption, size, sha256 and ``status`` (``ok``, or ``rejected``
     with a readable ``error``: corrupt or truncated bytes, unsupported formats, decompression bombs, duplicate
     keys, unsafe member paths, a tar cut off mid-stream). Images are decoded and validated, never extracted.
-    Re-materialising a shard replaces exactly that shard's rows."""
+    Re-materialising a shard replaces exactly that shard's rows. A file that is not a tar at all becomes one
+    rejected ``_shard_unreadable`` row and the other shards of the step go on; a shard whose file is gone
+    keeps its rows and is listed as missing (``curate shards remove KEY`` forgets it)."""
     limits = IngestLimits.from_config(settings.section("ingest"))
     totals = {"rows": 0, "ok": 0, "rejected": 0}
     errors: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    missing: list[str] = []
+    files: dict[str, str] = {}
     for shard in partition_keys(context):
-        ref = shard_source.get(shard)
-        df = read_shard(shard, ref.tar, ref.parquet, limits)
+        try:
+            ref = shard_source.get(shard)
+        except FileNotFoundError as exc:
+            missing.append(shard)  # its rows (if any) stay as they were; nothing is invented for it
+            context.log.warning(str(exc))
+            continue
+        files[shard] = ref.name
+        try:
+            df = read_shard(shard, ref.tar, ref.parquet, limits)
+        except ValueError as exc:  # not a tar at all (or 0 bytes): the shard is recorded, the others go on
+            df = unreadable_shard(shard, str(exc))
+            failed[shard] = str(exc)
+            context.log.error(f"shard {shard}: {exc}")
         storage.write_shard("samples", df, shard)
         ok = int((df["status"] == "ok").sum())
         totals["rows"] += df.height
@@ -45,6 +61,9 @@ def samples(
     rejected_table = "\n".join(f"| {k} | {v} |" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
     return dg.MaterializeResult(
         metadata={
+            "unreadable_shards": dg.MetadataValue.json(failed),
+            "missing_shards": dg.MetadataValue.json(missing),
+            "files": dg.MetadataValue.json(files),
             "dagster/row_count": totals["rows"],
             "ok": totals["ok"],
             "rejected": totals["rejected"],

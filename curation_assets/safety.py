@@ -33,6 +33,7 @@ from curation_assets.core.safety import (
     latest_version,
     load_bank,
     next_version,
+    publish_latest,
     parse_config,
     save_bank,
     train_probe,
@@ -85,12 +86,74 @@ def import_label_rows(storage: DeltaStorage, cfg: SafetyConfig, rows: Sequence[d
     if not storage.exists("samples"):
         raise FileNotFoundError("no samples table yet: materialise samples before importing labels")
     status = storage.read("samples", columns=["uid", "status"])
-    report = labels_core.validate_rows(rows, cfg.names, status, existing=read_label_history(storage),
-                                       default_source=default_source, default_annotator=default_annotator,
-                                       default_round=default_round)
-    if report.ok or skip_invalid:
-        report.written = storage.append(LABELS, report.accepted)
+    with storage.locked(LABELS):  # the round number is read and taken in one step across processes
+        report = labels_core.validate_rows(rows, cfg.names, status, existing=read_label_history(storage),
+                                           default_source=default_source, default_annotator=default_annotator,
+                                           default_round=default_round)
+        if report.ok or skip_invalid:
+            report.written = storage.append(LABELS, report.accepted)
     return report
+
+
+# ---------------------------------------------------------------------------------- awaiting labels
+
+MIN_LABELS_PER_CLASS = 2
+"""The fewest positive and negative labels per category a classifier can be cross-validated on."""
+
+AWAITING = "awaiting_labels"
+
+
+def label_readiness(storage: DeltaStorage, cfg: SafetyConfig) -> pl.DataFrame:
+    """Per category: the labelled positives and negatives in force (of embedded samples), how many more of
+    each the classifier needs before it can train, and how many more positives the target recall needs
+    before the threshold rule can show it. ``ready`` is true when the category can be trained."""
+    current = labels_core.current_labels(read_label_history(storage))
+    if current.height and storage.exists("image_embeddings"):
+        embedded = (storage.scan("image_embeddings").select("uid")
+                    .filter(pl.col("uid").is_in(current["uid"].unique().implode())).collect())
+        current = current.join(embedded, on="uid", how="semi")
+    rows = []
+    for category in cfg.categories:
+        part = current.filter(pl.col("category") == category.name)
+        pos = int((part["label"] == 1).sum())
+        neg = part.height - pos
+        rows.append({"category": category.name, "positives": pos, "negatives": neg,
+                     "positives_to_train": max(0, MIN_LABELS_PER_CLASS - pos),
+                     "negatives_to_train": max(0, MIN_LABELS_PER_CLASS - neg),
+                     "target_recall": category.target_recall,
+                     "positives_for_target": max(0, category.required_positives - pos)})
+    table = pl.DataFrame(rows)
+    return table.with_columns(ready=(pl.col("positives_to_train") == 0) & (pl.col("negatives_to_train") == 0))
+
+
+def awaiting_message(readiness: pl.DataFrame) -> str:
+    """One line per category that cannot be trained yet, and what to do next."""
+    lines = []
+    for r in readiness.filter(~pl.col("ready")).iter_rows(named=True):
+        lines.append(f"{r['category']}: {r['positives']} positive / {r['negatives']} negative labels; needs "
+                     f"{r['positives_to_train']} more positive and {r['negatives_to_train']} more negative to train, "
+                     f"{r['positives_for_target']} more positives to show recall {r['target_recall']}")
+    return "; ".join(lines)
+
+
+NEXT_STEP = ("curate labels export-queue --root ROOT --out queue.csv, label it, then "
+             "curate labels import queue.csv --root ROOT")
+
+
+def awaiting_result(readiness: pl.DataFrame, what: str) -> dg.MaterializeResult:
+    """The materialisation of a label-dependent asset while labels are missing: nothing is written, the run
+    succeeds, and the UI shows why and what to do."""
+    return dg.MaterializeResult(metadata={
+        "status": dg.MetadataValue.text(AWAITING),
+        "awaiting": dg.MetadataValue.text(f"{what} waits for labels: " + (awaiting_message(readiness)
+                                                                          or "the classifiers have not been trained")),
+        "labels_needed": dg.MetadataValue.md(_md_table(readiness)),
+        "next_step": dg.MetadataValue.text(NEXT_STEP),
+    })
+
+
+def classifiers_trained(storage: DeltaStorage) -> bool:
+    return latest_version(classifier_root(storage)) is not None
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -175,15 +238,11 @@ def _pr_plot(results: dict[str, tuple[CrossValidation, float]]) -> str:
 
 
 def _record_round(storage: DeltaStorage, rows: list[dict]) -> pl.DataFrame:
-    """Upsert this round's per-category rows into ``active_learning_rounds`` (one row per round and category)."""
+    """Replace this round's per-category rows of ``active_learning_rounds`` (one row per round and category);
+    a predicate overwrite, so rounds recorded by other runs at the same time are never lost."""
     fresh = pl.DataFrame(rows)
-    if storage.exists(ROUNDS):
-        old = storage.read(ROUNDS)
-        old = old.join(fresh.select("round", "category"), on=["round", "category"], how="anti")
-        fresh = pl.concat([old, fresh.select(old.columns)], how="vertical_relaxed") if old.height else fresh
-    fresh = fresh.sort(["category", "round"])
-    storage.write_table(ROUNDS, fresh)
-    return fresh
+    storage.replace_where(ROUNDS, fresh, "round", int(fresh["round"][0]))
+    return storage.read(ROUNDS).sort(["category", "round"])
 
 
 @dg.asset(
@@ -201,10 +260,12 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
     round's metrics in ``active_learning_rounds``.
     """
     cfg = safety_config(settings)
+    readiness = label_readiness(storage, cfg)
+    if not readiness["ready"].all():
+        context.log.warning("awaiting labels: " + awaiting_message(readiness))
+        return awaiting_result(readiness, "safety_classifiers")
     history = read_label_history(storage)
     current = labels_core.current_labels(history)
-    if current.height == 0:
-        raise dg.Failure("no labels yet: import some with `curate labels import FILE.csv` (see labeling_queue)")
     index, X, encoder = _embeddings_for(storage, current["uid"].unique().to_list())
     missing = current.filter(~pl.col("uid").is_in(list(index)))
     if missing.height:
@@ -254,7 +315,7 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
                                                                "precision_at_target", "threshold")} for r in rounds}}
     save_bank(directory, probes, manifest)
     pl.concat(cv_frames).write_parquet(directory / "cv_scores.parquet")
-    (classifier_root(storage) / "LATEST").write_text(directory.name)
+    publish_latest(classifier_root(storage), directory.name)
     table = _record_round(storage, rounds)
     context.log.info(f"trained {len(probes)} classifiers ({directory.name}) on label round {round_no}")
     summary = pl.DataFrame(rounds).select("category", "n_positive", "n_negative", "cv_auc", "precision_at_target",
@@ -299,6 +360,8 @@ def labeling_queue(context: dg.AssetExecutionContext, storage: DeltaStorage,
 
     cfg = safety_config(settings)
     al = cfg.active_learning
+    if not classifiers_trained(storage):
+        return _first_queue(context, storage, cfg)
     probes, manifest, directory = load_classifiers(storage)
     bank = ProbeBank(probes)
     oof = load_oof(directory)
@@ -343,16 +406,7 @@ def labeling_queue(context: dg.AssetExecutionContext, storage: DeltaStorage,
                          "shard": item.uid.split("/", 1)[0], "procedure": item.procedure, "score": item.score,
                          "threshold": thresholds[name], "why": item.why, "classifier_version": directory.name,
                          "created_at": labels_core.utcnow()})
-    schema = {"round": pl.Int32, "category": pl.String, "rank": pl.Int32, "uid": pl.String, "shard": pl.String,
-              "procedure": pl.String, "score": pl.Float64, "threshold": pl.Float64, "why": pl.String,
-              "classifier_version": pl.String, "created_at": pl.Datetime("us", "UTC")}
-    queue = pl.DataFrame(rows, schema=schema)
-    if storage.exists("labeling_queue"):
-        older = storage.read("labeling_queue").filter(pl.col("round") != round_no)
-        if older.height:
-            queue = pl.concat([older.select(list(schema)).cast(schema), queue])
-    storage.write_table("labeling_queue", queue)
-    this_round = queue.filter(pl.col("round") == round_no)
+    this_round = _write_queue(storage, rows, round_no)
     mix = this_round.group_by("category", "procedure").len().sort("category", "procedure")
     context.log.info(f"round {round_no}: queued {this_round.height} (uid, category) pairs from a pool of {pool}")
     return dg.MaterializeResult(metadata={
@@ -363,6 +417,66 @@ def labeling_queue(context: dg.AssetExecutionContext, storage: DeltaStorage,
         "mix": dg.MetadataValue.md(_md_table(mix)),
         "thresholds": dg.MetadataValue.json({k: round(v, 6) for k, v in thresholds.items()}),
         "preview": dg.MetadataValue.md(_md_table(this_round.head(20).select("category", "uid", "procedure", "score"))),
+    })
+
+
+QUEUE_SCHEMA = {"round": pl.Int32, "category": pl.String, "rank": pl.Int32, "uid": pl.String, "shard": pl.String,
+                "procedure": pl.String, "score": pl.Float64, "threshold": pl.Float64, "why": pl.String,
+                "classifier_version": pl.String, "created_at": pl.Datetime("us", "UTC")}
+
+
+def _write_queue(storage: DeltaStorage, rows: list[dict], round_no: int) -> pl.DataFrame:
+    """Replace exactly this round's queue (a predicate overwrite: queues of other rounds, written by other
+    runs at the same time, are never lost)."""
+    queue = pl.DataFrame(rows, schema=QUEUE_SCHEMA)
+    storage.replace_where("labeling_queue", queue, "round", round_no)
+    return queue
+
+
+def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: SafetyConfig) -> dg.MaterializeResult:
+    """The first labelling batch, before any classifier exists: a diverse sample over k-means regions of a
+    bounded random sample of the embeddings (:func:`core.active_learning.diverse_sample`), so the first labels
+    cover the data. Every image is queued for every category (one labelling pass answers all of them)."""
+    from curation_assets.core.active_learning import diverse_sample
+
+    al = cfg.active_learning
+    current = labels_core.current_labels(read_label_history(storage))
+    round_no = int(current["round"].max()) + 1 if current.height else 1
+    labelled = set(current["uid"].to_list())
+    rng = np.random.default_rng(al.seed + round_no)
+    shards = storage.shards("image_embeddings")
+    counts = dict(storage.scan("image_embeddings").group_by("shard").agg(pl.len()).collect().iter_rows())
+    total = sum(counts.values())
+    budget = max(50 * al.batch_size, 5000)
+    uids, blocks = [], []
+    for shard in shards:
+        ids, x = storage.load_embeddings([shard])
+        free = ~ids["uid"].is_in(list(labelled)).to_numpy()
+        take = np.flatnonzero(free)
+        quota = int(np.ceil(budget * counts.get(shard, 0) / max(total, 1)))
+        if len(take) > quota:
+            take = np.sort(rng.choice(take, quota, replace=False))
+        uids.extend(ids["uid"].gather(take).to_list())
+        blocks.append(x[take])
+    x = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
+    rows_idx, region = diverse_sample(x, al.batch_size, al.seed + round_no)
+    now = labels_core.utcnow()
+    rows = [{"round": round_no, "category": category.name, "rank": rank, "uid": uids[i], "shard": uids[i].split("/", 1)[0],
+             "procedure": "diverse", "score": None, "threshold": None,
+             "why": f"nearest to the centre of a k-means region holding {size} of {len(uids)} sampled images",
+             "classifier_version": None, "created_at": now}
+            for category in cfg.categories for rank, (i, size) in enumerate(zip(rows_idx.tolist(), region.tolist()))]
+    queue = _write_queue(storage, rows, round_no)
+    readiness = label_readiness(storage, cfg)
+    context.log.info(f"round {round_no}: no classifier yet; queued {len(rows_idx)} diverse images for "
+                     f"{len(cfg.categories)} categories from a sample of {len(uids)}")
+    return dg.MaterializeResult(metadata={
+        "round": round_no, "queued": queue.height, "images": len(rows_idx), "pool_size": len(uids),
+        "procedure": "diverse (no classifier yet)",
+        "status": dg.MetadataValue.text(AWAITING),
+        "labels_needed": dg.MetadataValue.md(_md_table(readiness)),
+        "next_step": dg.MetadataValue.text(NEXT_STEP),
+        "table": dg.MetadataValue.path(str(storage.table_path("labeling_queue"))),
     })
 
 
@@ -384,6 +498,8 @@ def safety_thresholds(context: dg.AssetExecutionContext, storage: DeltaStorage,
     positives meets the target recall, the Wilson interval of that recall, and the precision it costs.
     ``reachable`` is false when the labels hold too few positives to show the target (see the check)."""
     cfg = safety_config(settings)
+    if not classifiers_trained(storage):
+        return awaiting_result(label_readiness(storage, cfg), "safety_thresholds")
     _, manifest, directory = load_classifiers(storage)
     oof = load_oof(directory)
     rows = []
@@ -416,9 +532,21 @@ def read_thresholds(storage: DeltaStorage) -> pl.DataFrame:
     return storage.read("safety_thresholds")
 
 
+def _awaiting_check(storage: DeltaStorage, settings: CurationSettings) -> dg.AssetCheckResult:
+    """Before the first classifier: a warning (never blocking) that says how many labels are missing."""
+    readiness = label_readiness(storage, safety_config(settings))
+    return dg.AssetCheckResult(
+        passed=False, severity=dg.AssetCheckSeverity.WARN,
+        description="awaiting labels: " + (awaiting_message(readiness) or "train safety_classifiers"),
+        metadata={"status": AWAITING, "labels_needed": dg.MetadataValue.md(_md_table(readiness)),
+                  "next_step": NEXT_STEP})
+
+
 @dg.asset_check(asset=safety_thresholds, blocking=True,
                 description="Every category's target recall is reachable with the labelled positives available.")
-def safety_target_recall_reachable(storage: DeltaStorage) -> dg.AssetCheckResult:
+def safety_target_recall_reachable(storage: DeltaStorage, settings: CurationSettings) -> dg.AssetCheckResult:
+    if not storage.exists("safety_thresholds"):
+        return _awaiting_check(storage, settings)
     table = read_thresholds(storage)
     failing = table.filter(~pl.col("reachable"))
     return dg.AssetCheckResult(
@@ -434,7 +562,9 @@ def safety_target_recall_reachable(storage: DeltaStorage) -> dg.AssetCheckResult
 
 @dg.asset_check(asset=safety_thresholds,
                 description="The Wilson lower bound of each category's held-out recall reaches the target (warning).")
-def safety_recall_lower_bound(storage: DeltaStorage) -> dg.AssetCheckResult:
+def safety_recall_lower_bound(storage: DeltaStorage, settings: CurationSettings) -> dg.AssetCheckResult:
+    if not storage.exists("safety_thresholds"):
+        return _awaiting_check(storage, settings)
     table = read_thresholds(storage)
     short = table.filter(pl.col("recall_low") < pl.col("target_recall"))
     return dg.AssetCheckResult(
@@ -475,12 +605,16 @@ def _histograms(frames: dict[str, np.ndarray], thresholds: dict[str, float]) -> 
     deps=["image_embeddings", "safety_classifiers", "safety_thresholds"],
     kinds={"numpy", "delta"},
 )
-def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage) -> dg.MaterializeResult:
+def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
+                  settings: CurationSettings) -> dg.MaterializeResult:
     """Calibrated score of every embedded sample for every category, with the threshold it was judged by and
     whether it is flagged (score >= threshold). Long format: one row per (uid, category). The classifier
     version is the one the thresholds were chosen for; it is loaded once per step. Samples the classifier was
     trained on carry their cross-validated (held-out) score instead (``held_out`` true), the same kind of
-    score the threshold was chosen on."""
+    score the threshold was chosen on. Before the first thresholds exist it writes nothing and says it is
+    awaiting labels."""
+    if not storage.exists("safety_thresholds"):
+        return awaiting_result(label_readiness(storage, safety_config(settings)), "safety_scores")
     thresholds = read_thresholds(storage)
     version = thresholds["classifier_version"][0]
     probes, manifest, directory = load_classifiers(storage, version)
@@ -574,8 +708,11 @@ def filter_shard(samples: pl.DataFrame, scores: pl.DataFrame, current: pl.DataFr
 def filtered_samples(context: dg.AssetExecutionContext, storage: DeltaStorage,
                      settings: CurationSettings) -> dg.MaterializeResult:
     """Every sample of ``samples`` exactly once: ``kept`` or not, and why (``reasons``: the categories the
-    filter or a human flagged, or "rejected" at ingest). Counts reconcile with ``samples`` per shard."""
+    filter or a human flagged, or "rejected" at ingest). Counts reconcile with ``samples`` per shard.
+    Before the first safety scores exist it writes nothing and says it is awaiting labels."""
     cfg = safety_config(settings)
+    if not storage.exists("safety_scores"):
+        return awaiting_result(label_readiness(storage, cfg), "filtered_samples")
     current = labels_core.current_labels(read_label_history(storage))
     totals = {"samples": 0, "kept": 0}
     reason_counts: dict[str, int] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -411,7 +412,9 @@ def save_bank(directory: str | Path, probes: Sequence[LinearProbe], manifest: Ma
     body = {"format": ARTIFACT_FORMAT, "categories": [p.category for p in probes],
             "dim": probes[0].dim if probes else None,
             "probes": {p.category: p.info for p in probes}, **dict(manifest)}
-    (directory / "manifest.json").write_text(json.dumps(body, indent=2, default=_json_default))
+    tmp = directory / ".manifest.json.tmp"  # the manifest is what makes a version complete: written last
+    tmp.write_text(json.dumps(body, indent=2, default=_json_default))
+    os.replace(tmp, directory / "manifest.json")
     return directory
 
 
@@ -444,11 +447,27 @@ def _json_default(value: Any):
 
 
 def next_version(root: str | Path) -> tuple[int, Path]:
-    """The next free ``v0001``-style version directory under ``root``."""
+    """Take the next free ``v0001``-style version directory under ``root``: created here with an exclusive
+    ``mkdir``, so two trainings at once never get the same version."""
     root = Path(root)
-    existing = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()] if root.exists() else []
+    root.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
     version = max(existing, default=0) + 1
-    return version, root / f"v{version:04d}"
+    while True:
+        directory = root / f"v{version:04d}"
+        try:
+            directory.mkdir()
+            return version, directory
+        except FileExistsError:
+            version += 1
+
+
+def publish_latest(root: str | Path, version: str) -> None:
+    """Point ``LATEST`` at ``version`` (write a temporary file, then rename: readers never see half a name)."""
+    root = Path(root)
+    tmp = root / f".LATEST.{os.getpid()}.tmp"
+    tmp.write_text(version)
+    os.replace(tmp, root / "LATEST")
 
 
 def latest_version(root: str | Path) -> Path | None:

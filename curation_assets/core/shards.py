@@ -25,6 +25,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TRUNCATED_KEY = "_tar_truncated"
+UNREADABLE_KEY = "_shard_unreadable"
 
 SAMPLES_SCHEMA = {
     "uid": pl.String,
@@ -262,6 +263,12 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
         for row in rows:
             row["warnings"] = "; ".join(filter(None, [row.get("warnings"), sidecar["__error__"]["error"]]))
     return _unique_uids(pl.DataFrame(rows, schema=SAMPLES_SCHEMA) if rows else pl.DataFrame(schema=SAMPLES_SCHEMA))
+
+
+def unreadable_shard(shard: str, error: str) -> pl.DataFrame:
+    """The ``samples`` rows of a shard whose file cannot be read as a tar at all: one rejected row that
+    records why, so the shard is accounted for and visible (the funnel, ``curate run``'s summary)."""
+    return pl.DataFrame([_rejected(shard, UNREADABLE_KEY, f"unreadable shard: {error}")], schema=SAMPLES_SCHEMA)
 
 
 def _url(meta: bytes | None, fallback: str | None, warnings: list[str]) -> str | None:
