@@ -46,18 +46,27 @@ def import_labels(file: str, root: str, config_path: str | None, annotator: str 
     that are not yes/no are listed with their line numbers. With any invalid row nothing is written (exit
     status 1) unless --skip-invalid. Re-labelling appends: history is kept and the latest label wins.
     """
-    from curation_assets.core.labels import read_csv_rows
+    from curation_assets.core.labels import LabelFileError, read_csv_rows
     from curation_assets.safety import import_label_rows
 
     storage, cfg = _storage_and_config(root, config_path)
-    rows = read_csv_rows(file)
+    try:
+        rows = read_csv_rows(file)
+    except LabelFileError as exc:
+        click.echo(str(exc), err=True)
+        click.echo("nothing written", err=True)
+        sys.exit(1)
     answered = [r for r in rows if (r.get("label") or "").strip() or not (r.get("procedure") or "").strip()]
     if len(answered) < len(rows):
         click.echo(f"{len(rows) - len(answered)} queue rows without a label are left for later")
     rows = answered
-    report = import_label_rows(storage, cfg, rows, skip_invalid=skip_invalid, default_source=source,
-                               default_annotator=annotator or os.environ.get("USER", "unknown"),
-                               default_round=round_no)
+    try:
+        report = import_label_rows(storage, cfg, rows, skip_invalid=skip_invalid, default_source=source,
+                                   default_annotator=annotator or os.environ.get("USER", "unknown"),
+                                   default_round=round_no)
+    except FileNotFoundError as exc:
+        click.echo(f"{exc}; nothing written", err=True)
+        sys.exit(1)
     click.echo(report.summary())
     if not report.ok and not skip_invalid:
         click.echo("nothing written: fix the rows above or pass --skip-invalid", err=True)

@@ -62,9 +62,11 @@ def _looks_like_path(value: str) -> bool:
 def _decode_rgb(data: bytes):
     from PIL import Image
 
+    from curation_assets.core.shards import upright
+
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image.convert("RGB")
+    return upright(image).convert("RGB")
 
 
 class _BytesDataset:

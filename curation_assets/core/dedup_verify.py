@@ -117,6 +117,7 @@ _FAILED = Verification(-1.0, 255.0, -1.0)
 
 
 def _decode(data: bytes) -> np.ndarray | None:
+    """BGR float pixels as displayed (OpenCV's IMREAD_COLOR applies the EXIF orientation)."""
     import cv2
 
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

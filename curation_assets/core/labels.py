@@ -12,6 +12,7 @@ yes/no are reported with the row number and the reason, never dropped silently.
 from __future__ import annotations
 
 import csv
+import io
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,15 +171,42 @@ def validate_rows(rows: Iterable[dict], categories: Sequence[str], sample_status
     return ImportReport(frame, rejected, superseded, relabelled)
 
 
+class LabelFileError(ValueError):
+    """A label CSV that cannot be read as a table; one line per problem, each naming its line."""
+
+
 def read_csv_rows(path: str | Path) -> list[dict]:
-    """Rows of a label CSV as dicts (with their line number under ``_line``); the header must name at least
-    uid, category and label."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"uid", "category", "label"} - set(reader.fieldnames or [])
+    """Rows of a label CSV as dicts (with their line number under ``_line``). The header must name at least
+    uid, category and label. An empty file, bytes that are not UTF-8, a missing column in the header and rows
+    with more or fewer fields than the header raise :class:`LabelFileError` with the line numbers."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise LabelFileError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file "
+                             "as UTF-8") from None
+    if not text.strip():
+        raise LabelFileError(f"{path} line 1: empty file; expected a header line with uid,category,label")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+        missing = sorted({"uid", "category", "label"} - set(header))
         if missing:
-            raise ValueError(f"{path}: CSV header lacks columns {sorted(missing)} (has {reader.fieldnames})")
-        return [{**row, "_line": reader.line_num} for row in reader]
+            raise LabelFileError(f"{path} line 1: the header lacks columns {missing} (it has {header})")
+        rows, problems = [], []
+        for fields in reader:
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                problems.append(f"{path} line {reader.line_num}: {len(fields)} fields, the header has {len(header)}")
+                continue
+            rows.append({**dict(zip(header, fields)), "_line": reader.line_num})
+    except csv.Error as exc:
+        raise LabelFileError(f"{path} line {reader.line_num}: {exc}") from None
+    if problems:
+        raise LabelFileError("\n".join(problems[:50]) + (f"\n... {len(problems) - 50} more" if len(problems) > 50 else ""))
+    return rows
 
 
 QUEUE_EXPORT_COLUMNS = ["uid", "category", "label", "image", "why", "procedure", "score", "round", "definition"]

@@ -223,13 +223,15 @@ def encode_queries(encoder, blobs: Sequence[bytes], shifts: Sequence[int] = (0,)
 
     from PIL import Image
 
+    from curation_assets.core.shards import upright
+
     grid = colour_shift_grid(shifts)
     plain = encoder.encode_bytes(list(blobs))  # the originals exactly as the training set was encoded
     if len(grid) == 1 or len(blobs) == 0:
         return plain, 1
     out = np.empty((len(blobs) * len(grid), plain.shape[1]), np.float32)
     for i, data in enumerate(blobs):
-        image = Image.open(io.BytesIO(data))
+        image = upright(Image.open(io.BytesIO(data)))
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))

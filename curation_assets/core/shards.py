@@ -128,7 +128,11 @@ def _decode(data: bytes, limits: IngestLimits) -> tuple[Image.Image | None, dict
         with pywarnings.catch_warnings():
             pywarnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
-            facts.update(width=img.width, height=img.height, mode=img.mode, format=img.format)
+            fmt = img.format
+            width, height = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn when displayed
+                width, height = height, width
+            facts.update(width=width, height=height, mode=img.mode, format=fmt)
             if img.format not in limits.allowed_formats:
                 facts["error"] = f"unsupported image format {img.format}"
                 return None, facts
@@ -140,13 +144,25 @@ def _decode(data: bytes, limits: IngestLimits) -> tuple[Image.Image | None, dict
                 facts["error"] = f"image too small: {img.width}x{img.height} (min_side={limits.min_side})"
                 return None, facts
             img.load()
-            return to_rgb(img), facts
+            return to_rgb(upright(img)), facts
     except Exception as exc:  # PIL raises many types for bad bytes; every one becomes a recorded rejection
         kind = "not an image" if "cannot identify" in str(exc) else "corrupt or truncated image"
         facts["error"] = f"{kind}: {exc}"
         return None, facts
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is displayed: the EXIF orientation tag (cameras, phones, scrapers) applied to the
+    pixels, so width, height and content match what a person sees."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF is no orientation
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -174,7 +190,7 @@ def decode_rgb(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(upright(img))
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
