@@ -25,6 +25,7 @@ import polars as pl
 
 from curation_assets.core.plots import figure_png
 from curation_assets.core import report as rpt
+from curation_assets.core.validation import check_fields
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings, default_section, load_user_config
 from resources.shard_source import ShardSource
@@ -104,6 +105,7 @@ class AuditsConfig:
         for name, kind in (("regurgitation", RegurgitationConfig), ("clip_bias", ClipBiasConfig), ("census", CensusConfig)):
             sub = section.get(name) or {}
             _check_keys(name, sub, {f.name for f in fields(kind)})
+            check_fields(f"audits.{name}", kind, sub)
             parts[name] = kind(**sub)
         cfg = cls(report=section.get("report") or {}, **parts)
         cfg.validate()

@@ -43,7 +43,13 @@ def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, 
     from curation_assets.pipeline import open_pipeline
     from curation_assets.runner import PartialRunError
 
-    pipeline = open_pipeline(root, shards_dir, config_path)
+    from curation_assets.core.validation import ConfigError
+
+    try:
+        pipeline = open_pipeline(root, shards_dir, config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
     refs, skipped = pipeline.defs.resources["shard_source"].scan()
     fresh = pipeline.register_all_shards()
     present = {ref.key for ref in refs}

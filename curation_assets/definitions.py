@@ -20,6 +20,7 @@ import dagster as dg
 
 from curation_assets import audits, bias, dedup, embeddings, ingest, safety, sensors, training_set
 from curation_assets.automation import with_automation
+from curation_assets.config import validate_settings
 from resources.alerts import AlertSink
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
@@ -59,10 +60,12 @@ def build_resources(
 
 def build_definitions(refresh_cron: str | None = None, **resource_overrides: Any) -> dg.Definitions:
     """All stages merged, with their automation (``automation.py``), bound to the resources of
-    ``build_resources(**resource_overrides)``."""
+    ``build_resources(**resource_overrides)``; the settings are validated first (``config.py``)."""
+    resources = build_resources(**resource_overrides)
+    validate_settings(resources["settings"])
     return with_automation(dg.Definitions.merge(
         *(stage.defs for stage in STAGES),
-        dg.Definitions(resources=build_resources(**resource_overrides)),
+        dg.Definitions(resources=resources),
     ), refresh_cron)
 
 

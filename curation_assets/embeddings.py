@@ -2,6 +2,7 @@
 
 
 import time
+from dataclasses import dataclass
 
 import dagster as dg
 import numpy as np
@@ -9,11 +10,27 @@ import polars as pl
 
 from curation_assets.core import delta
 from curation_assets.core.shards import iter_image_batches
+from curation_assets.core.validation import ConfigError, check_fields
 from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """The ``embeddings`` section: images per encoder batch (the encoder itself is a resource)."""
+
+    batch_size: int = 256
+
+    @classmethod
+    def from_section(cls, section: dict) -> "EmbeddingSettings":
+        check_fields("embeddings", cls, section)
+        settings = cls(**section)
+        if settings.batch_size < 1:
+            raise ConfigError(f"embeddings.batch_size must be at least 1, got {settings.batch_size}")
+        return settings
 
 
 @dg.asset(
@@ -36,7 +53,7 @@ def image_embeddings(
     The model loads once per step and encodes every shard of the step; the step runs in the ``gpu`` pool so
     GPU steps never oversubscribe a device. The ``encoder`` column says which encoder made each vector
     (``perceptual-*`` is the weight-free default, not CLIP)."""
-    batch = int(settings.section("embeddings").get("batch_size", 256))
+    batch = EmbeddingSettings.from_section(settings.section("embeddings")).batch_size
     model = encoder.load()
     started = time.perf_counter()
     total = 0

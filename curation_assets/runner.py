@@ -128,8 +128,7 @@ def materialize(
                 raise RuntimeError(f"run {result.run_id} for [{names}] ({what}) failed")
             materialized = {e.asset_key for e in result.get_asset_materialization_events()}
             for event in result.get_step_failure_events():
-                error = event.step_failure_data.error
-                failed[event.step_key] = error.message.strip().splitlines()[0] if error else "failed"
+                failed[event.step_key] = root_cause(event.step_failure_data.error)
             blocked |= {k for k in runnable if k not in materialized}
             # a failed blocking check stops what depends on its asset in later runs too, as it does in-run
             blocked |= {e.asset_key for e in result.get_asset_check_evaluations()
@@ -137,6 +136,17 @@ def materialize(
     if failed or skipped:
         raise PartialRunError(failed, sorted(set(skipped)))
     return results
+
+
+def root_cause(error) -> str:
+    """The first line of the innermost error of a step failure: the user's exception, not Dagster's
+    "Error occurred while executing op" wrapper around it."""
+    if error is None:
+        return "failed"
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    lines = [line for line in (error.message or "").strip().splitlines() if line.strip()]
+    return lines[0] if lines else error.cls_name or "failed"
 
 
 def _partition_runs(pdef, shards: list[str], registered: list[str], instance: dg.DagsterInstance):

@@ -57,10 +57,9 @@ class IngestLimits:
 
     @classmethod
     def from_config(cls, section: dict) -> "IngestLimits":
-        known = {"max_pixels", "min_side", "allowed_formats", "image_extensions"}
-        unknown = set(section) - known
-        if unknown:
-            raise ValueError(f"ingest config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        from curation_assets.core.validation import check_fields
+
+        check_fields("ingest", cls, section)
         limits = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
         if limits.max_pixels <= 0 or limits.min_side <= 0:
             raise ValueError("ingest config: max_pixels and min_side must be positive")
