@@ -151,7 +151,8 @@ def summary_lines(pipeline, root: str, shards_dir: str, config_path: str | None)
     import polars as pl
 
     from curation_assets.report import funnel
-    from curation_assets.safety import awaiting_message, classifiers_trained, label_readiness, safety_config
+    from curation_assets.safety import (awaiting_message, classifiers_trained, label_readiness, labels_in_force,
+                                        safety_config)
 
     storage = pipeline.storage
     lines = [f"done; tables under {storage.root_path / 'delta'}"]
@@ -165,6 +166,11 @@ def summary_lines(pipeline, root: str, shards_dir: str, config_path: str | None)
             by_stage = {r["stage"]: r["value"] for r in ratios.filter(pl.col("group") == group).iter_rows(named=True)}
             lines.append(f"  {group} caption ratio: " + ", ".join(f"{s} {v:.3f}" for s, v in by_stage.items()))
     config = f" --config {config_path}" if config_path else ""
+    stale = labels_in_force(storage)[1]
+    if stale.height:
+        lines.append(f"safety: {stale.height} labels are stale (the picture at their uid changed since it was "
+                     f"labelled; shards {', '.join(sorted(stale['uid'].str.split('/').list.first().unique()))}) "
+                     "and were not used: relabel them (`curate labels export-queue` proposes images again)")
     if not classifiers_trained(storage):
         need = awaiting_message(label_readiness(storage, safety_config(pipeline.settings)))
         lines += [f"safety: awaiting labels ({need or 'no classifier yet'})",

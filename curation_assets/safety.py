@@ -73,7 +73,21 @@ def read_label_history(storage: DeltaStorage) -> pl.DataFrame:
     """Every label ever recorded (empty with the right schema before the first import)."""
     if not storage.exists(LABELS):
         return labels_core.empty_labels()
-    return storage.read(LABELS).select(list(labels_core.LABELS_SCHEMA)).cast(labels_core.LABELS_SCHEMA)
+    history = storage.read(LABELS)
+    if "sha256" not in history.columns:  # labels imported before the picture's hash was recorded
+        history = history.with_columns(pl.lit(None, pl.String).alias("sha256"))
+    return history.select(list(labels_core.LABELS_SCHEMA)).cast(labels_core.LABELS_SCHEMA)
+
+
+def labels_in_force(storage: DeltaStorage) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(labels in force, stale labels): the latest label per (uid, category), split by whether the picture
+    it judged is still the one at that uid (:func:`core.labels.split_stale`). Stale labels are never used."""
+    current = labels_core.current_labels(read_label_history(storage))
+    if current.height == 0 or not storage.exists("samples"):
+        return current, current.clear()
+    samples = (storage.scan("samples").select("uid", "sha256")
+               .filter(pl.col("uid").is_in(current["uid"].unique().implode())).collect())
+    return labels_core.split_stale(current, samples)
 
 
 def import_label_rows(storage: DeltaStorage, cfg: SafetyConfig, rows: Sequence[dict], *, skip_invalid: bool = False,
@@ -85,7 +99,7 @@ def import_label_rows(storage: DeltaStorage, cfg: SafetyConfig, rows: Sequence[d
     invalid ones are still reported)."""
     if not storage.exists("samples"):
         raise FileNotFoundError("no samples table yet: materialise samples before importing labels")
-    status = storage.read("samples", columns=["uid", "status"])
+    status = storage.read("samples", columns=["uid", "status", "sha256"])
     with storage.locked(LABELS):  # the round number is read and taken in one step across processes
         report = labels_core.validate_rows(rows, cfg.names, status, existing=read_label_history(storage),
                                            default_source=default_source, default_annotator=default_annotator,
@@ -107,7 +121,7 @@ def label_readiness(storage: DeltaStorage, cfg: SafetyConfig) -> pl.DataFrame:
     """Per category: the labelled positives and negatives in force (of embedded samples), how many more of
     each the classifier needs before it can train, and how many more positives the target recall needs
     before the threshold rule can show it. ``ready`` is true when the category can be trained."""
-    current = labels_core.current_labels(read_label_history(storage))
+    current, stale = labels_in_force(storage)
     if current.height and storage.exists("image_embeddings"):
         embedded = (storage.scan("image_embeddings").select("uid")
                     .filter(pl.col("uid").is_in(current["uid"].unique().implode())).collect())
@@ -121,7 +135,8 @@ def label_readiness(storage: DeltaStorage, cfg: SafetyConfig) -> pl.DataFrame:
                      "positives_to_train": max(0, MIN_LABELS_PER_CLASS - pos),
                      "negatives_to_train": max(0, MIN_LABELS_PER_CLASS - neg),
                      "target_recall": category.target_recall,
-                     "positives_for_target": max(0, category.required_positives - pos)})
+                     "positives_for_target": max(0, category.required_positives - pos),
+                     "stale_labels": int((stale["category"] == category.name).sum()) if stale.height else 0})
     table = pl.DataFrame(rows)
     return table.with_columns(ready=(pl.col("positives_to_train") == 0) & (pl.col("negatives_to_train") == 0))
 
@@ -265,7 +280,10 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
         context.log.warning("awaiting labels: " + awaiting_message(readiness))
         return awaiting_result(readiness, "safety_classifiers")
     history = read_label_history(storage)
-    current = labels_core.current_labels(history)
+    current, stale = labels_in_force(storage)
+    if stale.height:
+        context.log.warning(f"{stale.height} labels are stale (the picture at their uid has changed since it was "
+                            "labelled) and are not used; relabel those samples")
     index, X, encoder = _embeddings_for(storage, current["uid"].unique().to_list())
     missing = current.filter(~pl.col("uid").is_in(list(index)))
     if missing.height:
@@ -309,12 +327,14 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
         })
         cv_frames.append(rows.select("uid", "category", "label", "source", "round")
                          .with_columns(pl.Series("cv_score", cv.oof_scores, dtype=pl.Float64)))
+    samples_sha = storage.scan("samples").select("uid", "sha256").filter(
+        pl.col("uid").is_in(current["uid"].unique().implode())).collect()
     manifest = {"version": directory.name, "created_at": labels_core.utcnow().isoformat(), "encoder": encoder,
                 "label_round": round_no, "config": {"classifier": cfg.classifier.__dict__},
                 "metrics": {r["category"]: {k: r[k] for k in ("n_positive", "n_negative", "cv_auc",
                                                                "precision_at_target", "threshold")} for r in rounds}}
     save_bank(directory, probes, manifest)
-    pl.concat(cv_frames).write_parquet(directory / "cv_scores.parquet")
+    pl.concat(cv_frames).join(samples_sha, on="uid", how="left").write_parquet(directory / "cv_scores.parquet")
     publish_latest(classifier_root(storage), directory.name)
     table = _record_round(storage, rounds)
     context.log.info(f"trained {len(probes)} classifiers ({directory.name}) on label round {round_no}")
@@ -330,6 +350,7 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
         "labels_used": dg.MetadataValue.json({r["category"]: {"positive": r["n_positive"], "negative": r["n_negative"]}
                                               for r in rounds}),
         "labels_without_embedding": missing.height,
+        "stale_labels": stale.height,
         **{f"{r['category']}_cv_auc": dg.MetadataValue.float(float(r["cv_auc"])) for r in rounds},
         **{f"{r['category']}_precision_at_target": dg.MetadataValue.float(float(r["precision_at_target"]))
            for r in rounds},
@@ -365,8 +386,9 @@ def labeling_queue(context: dg.AssetExecutionContext, storage: DeltaStorage,
     probes, manifest, directory = load_classifiers(storage)
     bank = ProbeBank(probes)
     oof = load_oof(directory)
-    current = labels_core.current_labels(read_label_history(storage))
-    round_no = int(current["round"].max()) + 1 if current.height else 1
+    current = labels_in_force(storage)[0]
+    history = read_label_history(storage)
+    round_no = int(history["round"].max()) + 1 if history.height else 1
     quotas = al.quotas()
     builders: dict[str, QueueBuilder] = {}
     labelled: dict[str, set[str]] = {}
@@ -440,8 +462,9 @@ def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: 
     from curation_assets.core.active_learning import diverse_sample
 
     al = cfg.active_learning
-    current = labels_core.current_labels(read_label_history(storage))
-    round_no = int(current["round"].max()) + 1 if current.height else 1
+    current = labels_in_force(storage)[0]
+    history = read_label_history(storage)
+    round_no = int(history["round"].max()) + 1 if history.height else 1
     labelled = set(current["uid"].to_list())
     rng = np.random.default_rng(al.seed + round_no)
     shards = storage.shards("image_embeddings")
@@ -619,7 +642,10 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
     version = thresholds["classifier_version"][0]
     probes, manifest, directory = load_classifiers(storage, version)
     bank = ProbeBank(probes)
-    held_out = load_oof(directory).select("uid", "category", "cv_score")
+    held_out = load_oof(directory)
+    if "sha256" not in held_out.columns:  # classifiers trained before the picture's hash was kept
+        held_out = held_out.with_columns(pl.lit(None, pl.String).alias("sha256"))
+    held_out = held_out.select("uid", "category", "cv_score", pl.col("sha256").alias("held_out_sha256"))
     thr = dict(zip(thresholds["category"], thresholds["threshold"]))
     missing = [c for c in bank.categories if c not in thr]
     if missing:
@@ -633,6 +659,10 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
             raise dg.Failure(f"shard {shard} embeddings come from {encoders}, classifiers {version} from "
                              f"{manifest['encoder']!r}: re-train on the current embeddings")
         P = bank.predict_proba(X) if len(ids) else np.zeros((0, len(bank.categories)), np.float32)
+        # a held-out score belongs to the picture it was computed on: not to another picture at the same uid
+        same_picture = (held_out.join(storage.read("samples", [shard], columns=["uid", "sha256"]), on="uid")
+                        .filter(pl.col("held_out_sha256").is_null() | (pl.col("held_out_sha256") == pl.col("sha256")))
+                        .select("uid", "category", "cv_score"))
         frames = []
         for j, name in enumerate(bank.categories):
             frame = pl.DataFrame({
@@ -641,7 +671,7 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
             })
             # a sample the model was trained on is judged by its held-out score: the in-sample score leans
             # towards its label, and a wrong 'clean' label would otherwise hide a positive from the filter
-            frame = (frame.join(held_out.filter(pl.col("category") == name).drop("category"), on="uid", how="left")
+            frame = (frame.join(same_picture.filter(pl.col("category") == name).drop("category"), on="uid", how="left")
                      .with_columns(pl.col("cv_score").is_not_null().alias("held_out"),
                                    pl.coalesce(pl.col("cv_score").cast(pl.Float32), pl.col("score")).alias("score"))
                      .drop("cv_score"))
@@ -713,7 +743,7 @@ def filtered_samples(context: dg.AssetExecutionContext, storage: DeltaStorage,
     cfg = safety_config(settings)
     if not storage.exists("safety_scores"):
         return awaiting_result(label_readiness(storage, cfg), "filtered_samples")
-    current = labels_core.current_labels(read_label_history(storage))
+    current = labels_in_force(storage)[0]
     totals = {"samples": 0, "kept": 0}
     reason_counts: dict[str, int] = {}
     for shard in partition_keys(context):

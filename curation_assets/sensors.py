@@ -1,5 +1,7 @@
-"""Operations: new tar shards become partitions, and automation carries them through the graph."""
+"""Operations: new tar shards become partitions, changed ones are re-ingested, and automation carries both
+through the graph."""
 
+import json
 
 import dagster as dg
 
@@ -9,30 +11,54 @@ from resources.shard_source import ShardSource
 MAX_SHARDS_PER_TICK = 50
 
 
-@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING)
+def _stamp(ref) -> str:
+    stat = ref.tar.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+           target=dg.AssetSelection.assets("samples"))
 def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSource) -> dg.SensorResult | dg.SkipReason:
     """Registers shards that appeared in the shard source as ``shards`` partitions (at most 50 per tick, the
-    rest on later ticks). It launches nothing itself: each new partition is missing, and the
-    ``curation_automation`` sensor materialises it and everything per shard after it (``automation.py``).
+    rest on later ticks); the ``curation_automation`` sensor then materialises each new partition and
+    everything per shard after it (``automation.py``). A registered shard whose file changed (size or
+    modification time) is re-ingested, and automation re-runs what was built on it; labels made on its old
+    pictures become stale by their sha256 and are not used.
 
     On by default because registering a file that landed in the watched directory is what a user who
     switched the pipeline on expects, and the automation it feeds batches shards and caps concurrent runs.
     Stop it in the UI (Automation tab) to freeze the set of shards."""
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(SHARDS))
     refs, skipped = shard_source.scan()
-    fresh = [ref for ref in refs if ref.key not in known]
+    fresh = [ref for ref in refs if ref.key not in known][:MAX_SHARDS_PER_TICK]
+    changed = []
+    for ref in refs:
+        if ref.key in known:
+            stamp = _stamp(ref)
+            if ref.key in seen and seen[ref.key] != stamp:
+                changed.append((ref, stamp))
+            seen[ref.key] = stamp
+    for ref in fresh:
+        seen[ref.key] = _stamp(ref)
     not_shards = "; ".join(f"skipped {item.name}: {item.reason}" for item in skipped)
-    if not fresh:
-        return dg.SkipReason(f"no new shards in {shard_source.uri} ({len(known)} known)"
-                             + (f"; {not_shards}" if not_shards else ""))
-    batch = fresh[:MAX_SHARDS_PER_TICK]
-    context.log.info(f"registering {len(batch)} new shards ({len(fresh) - len(batch)} left for later ticks)")
-    for ref in batch:
+    if not fresh and not changed:
+        return dg.SensorResult(skip_reason=f"no new or changed shards in {shard_source.uri} ({len(known)} known)"
+                               + (f"; {not_shards}" if not_shards else ""), cursor=json.dumps(seen))
+    if fresh:
+        context.log.info(f"registering {len(fresh)} new shards")
+    for ref in fresh:
         if ref.key != ref.tar.stem:
             context.log.info(f"{ref.name}: partition key {ref.key!r} (the name does not fit the key rule)")
+    for ref, _ in changed:
+        context.log.info(f"shard {ref.key}: {ref.name} changed since it was seen; re-ingesting it")
     if not_shards:
         context.log.warning(not_shards)
-    return dg.SensorResult(dynamic_partitions_requests=[shard_partitions.build_add_request([r.key for r in batch])])
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=ref.key, run_key=f"changed-{ref.key}-{stamp}")
+                      for ref, stamp in changed],
+        dynamic_partitions_requests=[shard_partitions.build_add_request([r.key for r in fresh])] if fresh else [],
+        cursor=json.dumps(seen))
 
 
 defs = dg.Definitions(sensors=[new_shards_sensor])

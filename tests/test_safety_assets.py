@@ -36,7 +36,7 @@ def _corpus(storage: DeltaStorage, seed: int = 0) -> pl.DataFrame:
         cats = rng.choice(["violence", "sexual", None], size=PER_SHARD, p=[0.08, 0.08, 0.84])
         storage.write_shard("samples", pl.DataFrame({
             "uid": uids, "shard": [shard] * PER_SHARD, "key": keys, "caption": ["a caption"] * PER_SHARD,
-            "status": status, "image_member": [f"{k}.jpg" for k in keys],
+            "status": status, "image_member": [f"{k}.jpg" for k in keys], "sha256": [f"sha-{u}" for u in uids],
         }), shard)
         X = rng.normal(size=(PER_SHARD, DIM)) * 0.2
         for i, c in enumerate(cats):

@@ -124,7 +124,7 @@ def append(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | Non
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     data = _arrow(df)
     _retrying(
-        lambda: write_deltalake(str(path), data, mode="append",
+        lambda: write_deltalake(str(path), data, mode="append", schema_mode="merge",
                                 partition_by=list(partition_by) if partition_by else None),
         f"append to {path}",
     )

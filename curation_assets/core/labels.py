@@ -1,8 +1,9 @@
 """Human labels for the safety categories: an append-only log, CSV import with validation, latest-wins view.
 
 The ``labels`` table is a log: every judgement is a new row (uid, category, label, source, round, annotator,
-labeled_at) and nothing is ever updated or deleted, so re-labelling keeps the history. The label in force for
-a (uid, category) is the one with the latest ``labeled_at`` (:func:`current_labels`).
+labeled_at, and the sha256 of the picture judged) and nothing is ever updated or deleted, so re-labelling
+keeps the history. The label in force for a (uid, category) is the one with the latest ``labeled_at``
+(:func:`current_labels`), unless the picture at that uid has changed since (:func:`split_stale`).
 
 Imports are validated before anything is written: rows naming a uid that is not in ``samples``, a sample
 rejected at ingest (it has no embedding), a category that is not configured, or a label that is not
@@ -28,6 +29,7 @@ LABELS_SCHEMA: dict[str, pl.DataType] = {
     "round": pl.Int32,
     "annotator": pl.String,
     "labeled_at": pl.Datetime("us", "UTC"),
+    "sha256": pl.String,
 }
 
 _TRUE = {"1", "true", "yes", "y", "t", "positive", "pos"}
@@ -59,12 +61,25 @@ def labels_frame(rows: Sequence[dict]) -> pl.DataFrame:
         "uid": r["uid"], "category": r["category"], "label": int(r["label"]),
         "source": r.get("source") or "import", "round": int(r["round"]) if r.get("round") is not None else 0,
         "annotator": r.get("annotator") or "unknown", "labeled_at": r.get("labeled_at") or now,
+        "sha256": r.get("sha256"),
     } for r in rows]
     return pl.DataFrame(filled, schema=LABELS_SCHEMA)
 
 
 def empty_labels() -> pl.DataFrame:
     return pl.DataFrame(schema=LABELS_SCHEMA)
+
+
+def split_stale(current: pl.DataFrame, samples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(labels in force, stale labels). A label records the sha256 of the picture it judged; when the sample
+    at that uid now holds another picture (its shard was replaced), or the sample is gone, the label says
+    nothing about it and is stale. Labels recorded before sha256 was kept (null) stay in force.
+    ``samples``: uid, sha256 of every current sample."""
+    if current.height == 0:
+        return current, current
+    joined = current.join(samples.select("uid", pl.col("sha256").alias("_now")), on="uid", how="left")
+    stale = pl.col("sha256").is_not_null() & (pl.col("_now").is_null() | (pl.col("_now") != pl.col("sha256")))
+    return joined.filter(~stale).drop("_now"), joined.filter(stale).drop("_now")
 
 
 def current_labels(history: pl.DataFrame) -> pl.DataFrame:
@@ -122,6 +137,8 @@ def validate_rows(rows: Iterable[dict], categories: Sequence[str], sample_status
     """
     categories = set(categories)
     status = dict(zip(sample_status["uid"].to_list(), sample_status["status"].to_list()))
+    sha = (dict(zip(sample_status["uid"].to_list(), sample_status["sha256"].to_list()))
+           if "sha256" in sample_status.columns else {})
     if default_round is None:
         default_round = (int(existing["round"].max()) + 1) if existing is not None and existing.height else 0
     now = utcnow()
@@ -161,7 +178,7 @@ def validate_rows(rows: Iterable[dict], categories: Sequence[str], sample_status
         accepted.append({"uid": uid, "category": category, "label": label,
                          "source": (row.get("source") or "").strip() or default_source, "round": round_no,
                          "annotator": (row.get("annotator") or "").strip() or default_annotator,
-                         "labeled_at": labeled_at})
+                         "labeled_at": labeled_at, "sha256": sha.get(uid)})
     frame = labels_frame(accepted) if accepted else empty_labels()
     superseded = frame.height - frame.select(["uid", "category"]).unique().height
     relabelled = 0
