@@ -64,12 +64,16 @@ def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, 
         click.echo(f"  shard {key} is registered but its file is gone: left as it was "
                    f"(`curate shards remove {key} --root {root}` forgets it)")
     shards = [key for key in pipeline.shards() if key in present]
-    try:
-        pipeline.materialize(list(assets) or None, shards=shards, progress=True, keep_going=True)
-    except PartialRunError as exc:
-        click.echo(str(exc), err=True)
-        click.echo(f"partial run; tables under {Path(root).resolve() / 'delta'}", err=True)
-        sys.exit(1)
+    with pipeline.exclusive() as alone:
+        if alone:
+            for run_id in pipeline.fail_abandoned_runs():
+                click.echo(f"  run {run_id} was left STARTED by a curate run that died: marked failed")
+        try:
+            pipeline.materialize(list(assets) or None, shards=shards, progress=True, keep_going=True)
+        except PartialRunError as exc:
+            click.echo(str(exc), err=True)
+            click.echo(f"partial run; tables under {Path(root).resolve() / 'delta'}", err=True)
+            sys.exit(1)
     for line in summary_lines(pipeline, root, shards_dir, config_path):
         click.echo(line)
     unreadable = unreadable_shards(pipeline.storage, shards)
@@ -180,6 +184,25 @@ def summary_lines(pipeline, root: str, shards_dir: str, config_path: str | None)
                   f"  curate run --shards-dir {shards_dir} --root {root}{config}"]
     lines.append(f"report: {storage.reports_dir() / 'curation_report.html'}")
     return lines
+
+
+@main.command("maintain")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--retain-hours", type=click.IntRange(min=0), default=168, show_default=True,
+              help="Keep the files every table version of this age needs (time travel); older ones go.")
+def maintain(root: str, retain_hours: int) -> None:
+    """Compact every Delta table's small files and vacuum files older versions no longer need. Run it when
+    no run is writing (e.g. from cron); re-runs of shards otherwise leave every replaced file behind."""
+    from resources.storage import DeltaStorage
+
+    total_before = total_after = 0
+    for name, r in DeltaStorage(root=root).maintain(retain_hours).items():
+        total_before += r["bytes_before"]
+        total_after += r["bytes_after"]
+        click.echo(f"  {name:<28} files {r['files_before']:>5} -> {r['files_after']:<5} "
+                   f"{r['bytes_before'] / 2**20:8.2f} -> {r['bytes_after'] / 2**20:.2f} MiB")
+    click.echo(f"{total_before / 2**20:.2f} MiB -> {total_after / 2**20:.2f} MiB "
+               f"(versions younger than {retain_hours} h stay readable)")
 
 
 @main.command("report")

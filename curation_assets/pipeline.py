@@ -7,14 +7,18 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import dagster as dg
 
 from curation_assets import runner
 from curation_assets.partitions import SHARDS
+
+LAUNCHER_TAG = "curation/launched_by"
+LAUNCHER = "curate"
 
 
 INSTANCE_CONFIG = """\
@@ -25,6 +29,11 @@ telemetry:
 concurrency:
   runs:
     max_concurrent_runs: 4
+# runs whose worker process died are marked failed by the daemon (curate run marks its own on the next start)
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  poll_interval_seconds: 60
 """
 
 
@@ -74,7 +83,36 @@ class Pipeline:
                 print(f"  materialising {', '.join(k.to_user_string() for k in layer)} ({what})", flush=True)
 
         return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show, log_level=log_level,
-                                  keep_going=keep_going)
+                                  keep_going=keep_going, tags={LAUNCHER_TAG: LAUNCHER})
+
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Hold the root's run lock while materialising; yields whether it was free. While it is held, runs
+        that this launcher left ``STARTED`` in the instance cannot belong to a live process."""
+        import fcntl
+
+        lock_dir = self.root / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / "curate_run.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def fail_abandoned_runs(self) -> list[str]:
+        """Mark runs of this launcher that are still ``STARTING``/``STARTED`` as failed (a killed ``curate run``
+        leaves them so forever); call only while :meth:`exclusive` holds the lock. Returns their ids."""
+        records = self.instance.get_runs(filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED], tags={LAUNCHER_TAG: LAUNCHER}))
+        for run in records:
+            self.instance.report_run_failed(run, "the process running it ended without finishing (killed or "
+                                                 "crashed); marked failed by the next curate run")
+        return [run.run_id for run in records]
 
 
 def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | None = None,

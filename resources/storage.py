@@ -82,6 +82,10 @@ class DeltaStorage(dg.ConfigurableResource):
                 touched.append(name)
         return touched
 
+    def maintain(self, retention_hours: int) -> dict[str, dict]:
+        """Compact and vacuum every table (:func:`curation_assets.core.delta.maintain`), per table."""
+        return {name: delta.maintain(self.table_path(name), retention_hours) for name in self.tables()}
+
     def write_table(self, name: str, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
         return delta.write_table(self.table_path(name), df, partition_by)
 

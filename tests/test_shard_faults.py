@@ -4,6 +4,7 @@ tar-like file is either a partition or reported with the reason."""
 import re
 import shutil
 
+import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -103,3 +104,33 @@ def test_odd_names_are_ingested_under_their_keys(tiny_corpus, tmp_path):
     assert set(samples["shard"]) == keys and len(keys) == 4
     assert samples.group_by("shard").len()["len"].to_list() == [60] * 4
     assert "my shard.tar: partition key 'my_shard-" in result.output
+
+
+def test_a_tar_not_grouped_by_key_loses_nothing(tmp_path):
+    """Ingest streams one key's group at a time; members that come back to an earlier key are recorded."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from curation_assets.core.shards import read_shard
+
+    def jpeg(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    tar_path = tmp_path / "x.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in (("a.jpg", jpeg(1)), ("a.txt", b"first"), ("b.jpg", jpeg(2)), ("a.txt", b"late"),
+                           ("a.jpg", jpeg(3)), ("c.jpg", jpeg(4))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    df = read_shard("x", tar_path).sort("uid")
+    assert df.height == 5 and df["uid"].n_unique() == 5
+    ok = df.filter(pl.col("status") == "ok")
+    assert ok["uid"].to_list() == ["x/a", "x/b", "x/c"] and ok.filter(pl.col("key") == "a")["caption"].item() == "first"
+    errors = df.filter(pl.col("status") == "rejected")["error"].to_list()
+    assert any("comes after the other members of key 'a'" in e for e in errors)
+    assert any(e.startswith("duplicate key 'a'") for e in errors)

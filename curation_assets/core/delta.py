@@ -101,6 +101,27 @@ def delete_where(path: str | Path, column: str, value: str | int) -> None:
         _retrying(lambda: DeltaTable(str(path)).delete(predicate), f"delete {predicate} from {path}")
 
 
+def _footprint(path: Path) -> tuple[int, int]:
+    files = [p for p in Path(path).rglob("*.parquet") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def maintain(path: str | Path, retention_hours: int) -> dict:
+    """Compact a table's small files into larger ones, then delete data files no version younger than
+    ``retention_hours`` still needs (time travel keeps working within that window). Returns the parquet
+    file count and bytes before and after."""
+    from deltalake import DeltaTable
+
+    files_before, bytes_before = _footprint(Path(path))
+    compacted = _retrying(lambda: DeltaTable(str(path)).optimize.compact(), f"compact {path}")
+    removed = _retrying(lambda: DeltaTable(str(path)).vacuum(retention_hours=retention_hours, dry_run=False,
+                                                             enforce_retention_duration=False), f"vacuum {path}")
+    files_after, bytes_after = _footprint(Path(path))
+    return {"files_before": files_before, "files_after": files_after, "bytes_before": bytes_before,
+            "bytes_after": bytes_after, "files_compacted": int(compacted.get("numFilesRemoved", 0)),
+            "files_vacuumed": len(removed)}
+
+
 def write_table(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
     """Replace a whole (global) table, schema included; returns the rows written."""
     from deltalake import write_deltalake

@@ -223,23 +223,28 @@ def _parquet_rows(parquet: Path | None) -> dict[str, dict]:
 
 def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
                limits: IngestLimits | None = None) -> pl.DataFrame:
-    """One ``samples`` row per member group of the shard (see module docstring). Raises only when the tar
-    cannot be opened at all, naming the file."""
+    """One ``samples`` row per member group of the shard (see module docstring). Members are streamed and a
+    group's bytes are released as soon as its key ends, so memory holds one group, not the shard (tars
+    written by img2dataset keep a key's members together). Raises only when the tar cannot be opened at
+    all, naming the file."""
     limits = limits or IngestLimits()
     tar_path = Path(tar_path)
     if not tar_path.is_file():
         raise FileNotFoundError(f"shard {shard!r}: tar file {tar_path} does not exist")
     sidecar = _parquet_rows(parquet_path)
-    groups: dict[str, _Group] = {}
-    order: list[str] = []
     rows: list[dict] = []
     truncation: str | None = None
+    current: _Group | None = None
+    emitted: dict[str, int] = {}  # key -> images already read, for groups already turned into rows
 
-    def group(key: str) -> _Group:
-        if key not in groups:
-            groups[key] = _Group(key)
-            order.append(key)
-        return groups[key]
+    def flush() -> None:
+        """Turn the finished group into rows and let go of its bytes (one group in memory at a time)."""
+        nonlocal current
+        if current is not None:
+            meta = sidecar.get(current.key, {})
+            rows.extend(_group_rows(shard, current, meta.get("caption"), meta.get("url"), limits))
+            emitted[current.key] = len(current.images)
+            current = None
 
     for info, data, error in iter_members(tar_path):
         if info is None:
@@ -251,10 +256,16 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
         if _unsafe(info.name):
             rows.append(_rejected(shard, info.name, f"unsafe member path {info.name!r} (absolute or '..'); not read"))
             continue
+        if current is None or current.key != key:
+            flush()
+            if key in emitted:  # a tar not grouped by key: this member comes after its group was read
+                rows.append(_late_member(shard, key, info.name, data, ext in limits.image_extensions, emitted))
+                continue
+            current = _Group(key)
+        g = current
         if error is not None:
-            group(key).problems.append(f"{info.name}: {error}")
+            g.problems.append(f"{info.name}: {error}")
             continue
-        g = group(key)
         if ext in limits.image_extensions:
             g.images.append((info.name, data))
         elif ext == "txt":
@@ -268,16 +279,26 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
             g.images.append((info.name, data))
         else:
             g.problems.append(f"ignored member {info.name!r} (unknown extension)")
-
-    for key in order:
-        rows.extend(_group_rows(shard, groups[key], sidecar.get(key, {}).get("caption"),
-                                sidecar.get(key, {}).get("url"), limits))
+    flush()
     if truncation is not None:
         rows.append(_rejected(shard, TRUNCATED_KEY, truncation))
     if "__error__" in sidecar:
         for row in rows:
             row["warnings"] = "; ".join(filter(None, [row.get("warnings"), sidecar["__error__"]["error"]]))
     return _unique_uids(pl.DataFrame(rows, schema=SAMPLES_SCHEMA) if rows else pl.DataFrame(schema=SAMPLES_SCHEMA))
+
+
+def _late_member(shard: str, key: str, name: str, data: bytes | None, is_image: bool, emitted: dict[str, int]) -> dict:
+    """A rejected row for a member whose key's group already ended (members of one key are not adjacent in
+    the tar): an image is a duplicate of the key, anything else is recorded and not read."""
+    if is_image and data is not None:
+        emitted[key] += 1
+        row = _rejected(shard, f"{key}#{emitted[key]}", f"duplicate key {key!r}: {name!r} repeats an image already "
+                                                         "read for this key")
+        row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), image_member=name)
+        return row
+    return _rejected(shard, key, f"member {name!r} comes after the other members of key {key!r} (the tar is not "
+                                 "grouped by key); not read")
 
 
 def unreadable_shard(shard: str, error: str) -> pl.DataFrame:
@@ -340,11 +361,24 @@ def _rejected(shard: str, key: str, error: str | None) -> dict:
 
 
 def _unique_uids(df: pl.DataFrame) -> pl.DataFrame:
-    """Rows that would share a uid (an unsafe name reused, say) get a ``#n`` suffix so none is lost."""
-    n = pl.int_range(pl.len()).over("uid")
-    return df.with_columns(
-        pl.when(n > 0).then(pl.col("uid") + "#" + (n + 1).cast(pl.String)).otherwise(pl.col("uid")).alias("uid")
-    )
+    """Rows that would share a uid (an unsafe name reused, a member after its group) get the first free
+    ``#n`` suffix, so none is lost and no two rows share a uid."""
+    uids = df["uid"].to_list()
+    taken = set(uids)
+    if len(taken) == len(uids):
+        return df
+    seen: set[str] = set()
+    out = []
+    for uid in uids:
+        if uid in seen:
+            n = 2
+            while f"{uid}#{n}" in taken:
+                n += 1
+            uid = f"{uid}#{n}"
+            taken.add(uid)
+        seen.add(uid)
+        out.append(uid)
+    return df.with_columns(pl.Series("uid", out, dtype=pl.String))
 
 
 def read_images(tar_path: Path, members: Iterable[str]) -> dict[str, bytes]:
