@@ -100,14 +100,17 @@ class BiasSettings:
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"bias config: unknown keys {unknown}; known: {sorted(known)}")
-        from curation_assets.core.validation import check_fields, check_value
+        from curation_assets.core.validation import ConfigError, check_fields, check_value
 
-        check_value("bias.confidence", section.get("confidence", 0.95), float)
-        check_fields("bias.clip", ClipSettings, dict(section.get("clip") or {}))
-        check_fields("bias.reweighting", ReweightSettings, {k: v for k, v in dict(section.get("reweighting") or {}).items()
-                                                             if not (k == "regularization" and v == "auto")})
-        check_fields("bias.drift", demo.DriftSettings, {k: v for k, v in dict(section.get("drift") or {}).items()
-                                                         if k not in ("source", "stage")})
+        try:
+            check_value("bias.confidence", section.get("confidence", 0.95), float)
+            check_fields("bias.clip", ClipSettings, dict(section.get("clip") or {}))
+            check_fields("bias.reweighting", ReweightSettings, {
+                k: v for k, v in dict(section.get("reweighting") or {}).items() if not (k == "regularization" and v == "auto")})
+            check_fields("bias.drift", demo.DriftSettings, {k: v for k, v in dict(section.get("drift") or {}).items()
+                                                             if k not in ("source", "stage")})
+        except ConfigError as exc:
+            raise ConfigError(f"bias config: {exc}") from None
         try:
             groups = {str(k): [str(w) for w in v] for k, v in dict(section.get("caption_groups") or {}).items()}
             demo.CaptionMatcher(groups)  # validates the word lists

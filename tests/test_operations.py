@@ -224,3 +224,20 @@ def test_two_shard_runs_of_demographic_ratios_at_once_lose_nothing(ingested, tmp
     raw = overall.filter((pl.col("stage") == "raw") & (pl.col("kind") == "share"))
     n_ok = state.storage.read("samples").filter(pl.col("status") == "ok").height
     assert set(raw["n"].to_list()) == {n_ok}
+
+
+def _first_write(barrier, path: str, tag: str) -> None:
+    from curation_assets.core.delta import replace_where
+
+    barrier.wait()
+    replace_where(path, pl.DataFrame({"round": [0, 0], "category": ["a", "b"], "tag": [tag, tag]}), "round", 0)
+
+
+def test_two_first_writers_of_a_new_table_replace_not_duplicate(tmp_path):
+    """Both runs create the table at once: the second must replace the first's rows of the key, not add to
+    them (four trials; the race showed up in one of four before the creation lock)."""
+    for trial in range(4):
+        path = str(tmp_path / f"table_{trial}")
+        _together(_first_write, [(path, "x"), (path, "y")])
+        table = pl.read_delta(path)
+        assert table.height == 2 and table["tag"].n_unique() == 1

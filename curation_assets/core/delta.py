@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -82,14 +83,33 @@ def replace_where(path: str | Path, df: pl.DataFrame, column: str, value: str | 
     data = _arrow(df)
     predicate = f"{column} = {_literal(value)}"
 
+    def overwrite():
+        write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=[column])
+
     def write():
         if table_exists(path):
-            write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=[column])
-        else:
+            return overwrite()
+        with _creating(path):  # two first writers at once would otherwise both create version 0's rows
+            if table_exists(path):
+                return overwrite()
             write_deltalake(str(path), data, mode="error", partition_by=[column])
 
     _retrying(write, f"{predicate} of {path}")
     return df.height
+
+
+@contextmanager
+def _creating(path: str | Path):
+    """An exclusive lock (between processes on this machine) around creating the table at ``path``."""
+    import fcntl
+
+    path = Path(path)
+    with open(path.parent / f".{path.name}.create.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def delete_where(path: str | Path, column: str, value: str | int) -> None:
