@@ -325,6 +325,7 @@ def regurgitation_audit(
                     blocks=[rpt.matches_html(matches)] if matches else [rpt.paragraph("No generated image reaches the threshold.")]),
     ]
     rpt.write_page(page_path, rpt.render_page("Regurgitation audit", sections, subtitle=f"training set: {len(uids)} images"))
+    (storage.artifact_dir("regurgitation_audit") / "matches.json").write_text(json.dumps(matches))
     _write_json(storage, "regurgitation_audit", {"status": "ok", "threshold": threshold, "threshold_source": threshold_source,
                                                   "encoder": model.name, "summaries": summaries, "note": dedup_note})
     full = summaries[0]
@@ -347,7 +348,7 @@ def regurgitation_audit(
         metadata["index_flag_recall"] = dg.FloatMetadataValue(full["flag_recall"])
     if "deduplicated" in references:
         metadata["regurgitation_rate_deduplicated"] = dg.FloatMetadataValue(summaries[1]["rate"])
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("regurgitation_audit", "regurgitation")})
 
 
 def _regurgitation_note(n: int, rc: RegurgitationConfig, encoder: str, threshold: float, source: str, verify) -> str:
@@ -443,7 +444,7 @@ def build_clip_bias_audit(checkpoint_names: list[str]) -> dg.AssetsDefinition:
                 metadata[f"{key}: probes"] = res["n_probes"]
                 metadata[f"{key}: misclassified as non-human"] = dg.FloatMetadataValue(res["non_human_share"])
                 metadata[f"{key}: shares"] = dg.MetadataValue.md(res["markdown"])
-        return dg.MaterializeResult(metadata=metadata)
+        return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("clip_bias_audit")})
 
     return clip_bias_audit
 
@@ -618,6 +619,7 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     rpt.write_page(page, rpt.render_page("Dataset census", census_sections(storage), subtitle=f"{samples.height} samples"))
     total = per_shard.filter(pl.col("shard") == "all").row(0, named=True)
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("dataset_census", "census"),
         "dagster/row_count": per_shard.height,
         "samples": samples.height,
         "ok": int(total.get("ok") or 0),
@@ -714,7 +716,8 @@ def report_path(storage: DeltaStorage) -> Path:
     group_name="audits",
     kinds={"html"},
 )
-def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings) -> dg.MaterializeResult:
+def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
+                    shard_source: ShardSource) -> dg.MaterializeResult:
     """One HTML page for reviewers: the funnel (ingested, rejected, filtered per category, removed as
     duplicates, kept), the active-learning curve, group ratios per stage, the dedup recall curve, the
     census and links to the audit pages. Sections whose stage has not run say so."""
@@ -727,14 +730,16 @@ def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     if not classifiers_trained(storage):
         awaiting = (awaiting_message(label_readiness(storage, safety_config(settings))) or "no classifier trained yet")
         awaiting += f". Next: {NEXT_STEP}."
-    built = sections_mod.build_report(storage, cfg, context.log, awaiting)
+    built = sections_mod.build_report(storage, cfg, context.log, awaiting, shard_source)
     path = report_path(storage)
     links = [(label, page) for label, page in (("Regurgitation audit", REGURGITATION_PAGE), ("CLIP bias audit", CLIP_BIAS_PAGE),
                                                ("Census", CENSUS_PAGE)) if (storage.reports_dir() / page).is_file()]
     rpt.write_page(path, rpt.render_page(cfg.report.get("title", "Curation report"), built.sections,
-                                         subtitle=f"data root {storage.root_path}", links=links))
+                                         subtitle=f"data root {storage.root_path}", links=links,
+                                         summary=built.summary, collapsed=True))
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
+        "report": dg.MetadataValue.url(path.as_uri()),
         "funnel": dg.MetadataValue.md(built.funnel_markdown),
         "stages not run": ", ".join(built.missing) or "none",
         "safety": dg.MetadataValue.text("awaiting labels" if awaiting else "filter applied"),

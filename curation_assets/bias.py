@@ -478,7 +478,7 @@ def demographic_ratios(context: dg.AssetExecutionContext, storage: DeltaStorage,
     if len(written) == 1:
         metadata.update(_metadata_values(written[0], ""))
         metadata["ratios"] = dg.MetadataValue.md(_table_markdown(written[0], ["ratio"]))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("demographic_ratios", "bias")})
 
 
 @dg.asset(
@@ -513,7 +513,7 @@ def overall_demographic_ratios(context: dg.AssetExecutionContext, storage: Delta
     metadata["keyword table (OpenAI)"] = dg.MetadataValue.md(_table_markdown(
         overall.filter(pl.col("stage").is_in(["filtered", "filtered_reweighted"]) & pl.col("change_vs_raw").is_not_null()
                        & pl.col("change_vs_raw").is_not_nan()), ["keyword"]))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("overall_demographic_ratios", "bias")})
 
 
 def read_overall(storage: DeltaStorage) -> pl.DataFrame | None:
@@ -589,7 +589,7 @@ def sample_weights(context: dg.AssetExecutionContext, storage: DeltaStorage,
         ax.set_ylabel("kept samples")
         ax.set_title(f"sample weights: ESS {result.effective_sample_size:.0f} of {len(w)}")
         metadata["weight distribution"] = dg.MetadataValue.md(_png_markdown(fig))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("sample_weights", "bias")})
 
 
 # --- drift -----------------------------------------------------------------------------------------------

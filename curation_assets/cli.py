@@ -36,7 +36,8 @@ def demo_data(out: Path, shards: int, per_shard: int, seed: int, size: int, drif
 @main.command("run")
 @click.option("--shards-dir", type=click.Path(exists=True, file_okay=False), required=True, help="Directory of *.tar shards.")
 @click.option("--root", type=click.Path(file_okay=False), required=True, help="Data root for tables, artefacts and reports.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML settings per stage.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              envvar="CURATION_CONFIG", help="YAML settings per stage (default: $CURATION_CONFIG).")
 @click.option("--asset", "assets", multiple=True, help="Only these assets (repeatable); default: the whole graph.")
 def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, ...]) -> None:
     """Register every shard found and materialise the graph for them through Dagster."""

@@ -204,6 +204,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
         meta[f"version_{key}"] = version
     _write_centroid_rows(storage, pl.DataFrame(rows))
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("kmeans_centroids", "dedup-recall"),
         "n_embeddings": n, "k": k, "encoder": encoder,
         "k_rule": f"min({cfg.k_max}, max(1, n // {cfg.min_points_per_centroid}))",
         "n_fit": rows[0]["n_fit"], "fit_seconds": dg.MetadataValue.float(sum(r["fit_seconds"] for r in rows)),
@@ -275,6 +276,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage
         context.log.info(f"shard {shard}: assigned {len(ids)} embeddings in {N_CLUSTERINGS} clusterings")
     all_sims = np.concatenate(sims) if sims else np.zeros(0)
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("cluster_assignments", "dedup-recall"),
         "embeddings_assigned": total,
         "mean_centroid_similarity": dg.MetadataValue.float(float(all_sims.mean()) if len(all_sims) else 0.0),
     })
@@ -412,6 +414,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     only_one = int((pairs["n_clusterings"] == 1).sum()) if pairs.height else 0
     per = pl.DataFrame({"clustering": list(range(1, N_CLUSTERINGS + 1)), "pairs": per_clustering})
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("duplicate_pairs", "dedup-recall"),
         "embeddings": len(ids), "encoder": encoder, "threshold": dg.MetadataValue.float(threshold),
         "candidate_pairs": pairs.height, "pairs_found_by_one_clustering_only": only_one, **verify_meta,
         "pairs_per_clustering": dg.MetadataValue.md(_md_table(per)),
@@ -465,6 +468,7 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
         ax.set_ylabel("groups")
         hist = _md_png(_png(fig), "group sizes")
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("dedup_groups", "dedup-recall"),
         "candidate_pairs": candidates, "verified_pairs_used": pairs.height,
         "groups": int(sizes.len()), "grouped_samples": out.height,
         "duplicates_removed": int(out.height - sizes.len()),
@@ -519,6 +523,7 @@ def deduplicated_samples(context: dg.AssetExecutionContext, storage: DeltaStorag
     ok = out.filter(pl.col("status") != "rejected").height
     removed = counts.get("duplicate", 0)
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("deduplicated_samples", "dedup-recall"),
         "samples_in": samples.height, "rows_out": out.height, "kept": int(out["kept"].sum()),
         "duplicates_removed": removed, "rejected": counts.get("rejected", 0),
         "not_embedded": counts.get("not_embedded", 0),
@@ -596,6 +601,7 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
     ax.legend(fontsize=7)
     final = curve[-1]
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("dedup_recall", "dedup-recall"),
         "sample_size": len(queries), "true_pairs_in_sample": final.true_pairs,
         "recall_1": dg.MetadataValue.float(curve[0].recall),
         "recall_all": dg.MetadataValue.float(final.recall),

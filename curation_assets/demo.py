@@ -56,8 +56,7 @@ def demo_config(corpus: Path, root: Path) -> Path:
 
 def table_counts(storage) -> list[str]:
     lines = []
-    delta_dir = storage.root_path / "delta"
-    for table in sorted(p.name for p in delta_dir.iterdir() if p.is_dir()) if delta_dir.is_dir() else []:
+    for table in storage.tables():
         rows = storage.scan(table).select(pl.len()).collect().item()
         lines.append(f"  {table:<24} {rows:>8} rows")
     return lines

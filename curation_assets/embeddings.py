@@ -83,6 +83,7 @@ def image_embeddings(
     seconds = time.perf_counter() - started
     return dg.MaterializeResult(
         metadata={
+            **storage.table_metadata("image_embeddings", None),
             "dagster/row_count": total,
             "encoder": model.name,
             "dim": model.dim,

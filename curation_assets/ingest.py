@@ -61,6 +61,7 @@ def samples(
     rejected_table = "\n".join(f"| {k} | {v} |" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
     return dg.MaterializeResult(
         metadata={
+            **storage.table_metadata("samples", "funnel"),
             "unreadable_shards": dg.MetadataValue.json(failed),
             "missing_shards": dg.MetadataValue.json(missing),
             "files": dg.MetadataValue.json(files),

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +80,14 @@ class Pipeline:
     def materialize(self, assets: Sequence[str] | None = None, shards: Sequence[str] | None = None,
                     progress: bool = False, log_level: str = "WARNING",
                     keep_going: bool = False) -> list[dg.ExecuteInProcessResult]:
-        def show(layer, what):
-            if progress:
-                print(f"  materialising {', '.join(k.to_user_string() for k in layer)} ({what})", flush=True)
-
-        return runner.materialize(self.defs, self.instance, assets, shards, on_layer=show, log_level=log_level,
-                                  keep_going=keep_going, tags={LAUNCHER_TAG: LAUNCHER})
+        bar = ProgressBars() if progress else None
+        try:
+            return runner.materialize(self.defs, self.instance, assets, shards, log_level=log_level,
+                                      keep_going=keep_going, tags={LAUNCHER_TAG: LAUNCHER},
+                                      on_layer=bar.layer if bar else None, on_run=bar.run if bar else None)
+        finally:
+            if bar:
+                bar.close()
 
     @contextmanager
     def exclusive(self) -> Iterator[bool]:
@@ -115,6 +119,47 @@ class Pipeline:
         return [run.run_id for run in records]
 
 
+class ProgressBars:
+    """One bar per stage of a materialisation on a terminal (shards or partitions done, the rate, the time);
+    one line per finished run elsewhere (logs, CI)."""
+
+    def __init__(self, stream=None):
+        self._stream = stream or sys.stderr
+        self._bar = None
+        self._done = 0
+        self._total = 0
+        self._unit = ""
+        self._names = ""
+        self._started = 0.0
+
+    def layer(self, assets, total: int, unit: str) -> None:
+        self.close()
+        names = ", ".join(k.to_user_string() for k in assets)
+        self._names = names if len(names) <= 60 else names[:57] + "..."
+        self._done, self._total, self._unit, self._started = 0, total, unit, time.perf_counter()
+        if self._stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=f" {unit}", desc=self._names, file=self._stream,
+                             bar_format="{desc}: {n_fmt}/{total_fmt}{unit} |{bar:20}| {elapsed} ({rate_fmt}){postfix}")
+
+    def run(self, assets, count: int, what: str, success: bool) -> None:
+        self._done += count
+        if self._bar is not None:
+            self._bar.set_postfix_str(what if success else f"{what} FAILED", refresh=False)
+            self._bar.update(count)
+            return
+        seconds = time.perf_counter() - self._started
+        rate = f", {self._done / seconds:.2f} {self._unit}/s" if self._unit == "shards" and seconds > 0 else ""
+        print(f"  {self._names}: {self._done}/{self._total} {self._unit} ({what}{'' if success else ', FAILED'}) "
+              f"{seconds:.1f}s{rate}", file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | None = None,
                   encoder=None, instance: dg.DagsterInstance | None = None) -> Pipeline:
     """Bind the definitions to a data root and open (or create) its persistent Dagster instance.
@@ -130,6 +175,8 @@ def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | N
     os.environ["CURATION_SHARDS"] = str(shards_dir)
     if config_path:
         os.environ["CURATION_CONFIG"] = str(Path(config_path).resolve())
+    else:  # no settings file for this root: none may leak in from a root opened earlier in this process
+        os.environ.pop("CURATION_CONFIG", None)
     home = dagster_home(root)
     if instance is None:
         instance = dg.DagsterInstance.from_config(str(home))

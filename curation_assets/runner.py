@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from curation_assets.partitions import SHARDS
+from curation_assets.partitions import SHARDS, shard_backfill_policy
 
 
 def register_shards(instance: dg.DagsterInstance, keys: Iterable[str]) -> list[str]:
@@ -79,13 +79,18 @@ def materialize(
     assets: Sequence[str] | None = None,
     shards: Sequence[str] | None = None,
     tags: dict[str, str] | None = None,
-    on_layer: Callable[[list[dg.AssetKey], str], None] | None = None,
+    on_layer: Callable[[list[dg.AssetKey], int, str], None] | None = None,
+    on_run: Callable[[list[dg.AssetKey], int, str, bool], None] | None = None,
     log_level: str = "INFO",
     keep_going: bool = False,
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialise ``assets`` (default: the whole graph) for ``shards`` (default: every registered shard),
     layer by layer. ``log_level`` is the console log level of each run (every event is stored in the
     instance regardless).
+
+    ``on_layer(assets, partitions, unit)`` is called before each layer and ``on_run(assets, partitions, what,
+    success)`` after each of its runs (a per-shard layer runs in batches of at most
+    ``shard_backfill_policy.max_partitions_per_run`` shards, as a UI backfill does), for progress displays.
 
     By default the first failed run raises. With ``keep_going`` a failure only stops what depends on the
     failed assets; everything else still runs, and a :class:`PartialRunError` listing both comes at the end
@@ -113,15 +118,19 @@ def materialize(
         job = defs.resolve_implicit_job_def_def_for_assets(runnable)
         pdef = graph.get(runnable[0]).partitions_def
         names = ", ".join(k.to_user_string() for k in runnable)
-        for run_tags, what in _partition_runs(pdef, shards, registered, instance):
-            if on_layer:
-                on_layer(runnable, what)
+        runs = list(_partition_runs(pdef, shards, registered, instance))
+        if on_layer:
+            on_layer(runnable, sum(n for _, _, n in runs), "runs" if pdef is None else (
+                "shards" if isinstance(pdef, dg.DynamicPartitionsDefinition) and pdef.name == SHARDS else "partitions"))
+        for run_tags, what, count in runs:
             result = job.execute_in_process(
                 instance=instance, asset_selection=runnable, tags={**(tags or {}), **run_tags},
                 raise_on_error=not keep_going,
                 run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
             )
             results.append(result)
+            if on_run:
+                on_run(runnable, count, what, result.success)
             if result.success:
                 continue
             if not keep_going:
@@ -150,28 +159,33 @@ def root_cause(error) -> str:
 
 
 def _partition_runs(pdef, shards: list[str], registered: list[str], instance: dg.DagsterInstance):
+    """``(run tags, description, number of partitions)`` of each run a layer needs."""
     if pdef is None:
-        yield {}, "global"
+        yield {}, "global", 1
         return
     if isinstance(pdef, dg.DynamicPartitionsDefinition) and pdef.name != SHARDS:
         for key in instance.get_dynamic_partitions(pdef.name):
-            yield _range(key, key), f"{pdef.name} {key}"
+            yield _range(key, key), f"{pdef.name} {key}", 1
         return
     if isinstance(pdef, dg.DynamicPartitionsDefinition):
         if not shards:
             return
+        batch = shard_backfill_policy.max_partitions_per_run or len(shards)
         positions = sorted(registered.index(s) for s in shards)
-        if positions == list(range(positions[0], positions[-1] + 1)):
-            start, end = registered[positions[0]], registered[positions[-1]]
-            yield _range(start, end), f"shards {start}..{end}" if start != end else f"shard {start}"
-        else:
-            for shard in shards:
-                yield _range(shard, shard), f"shard {shard}"
+        runs: list[list[int]] = []
+        for p in positions:  # contiguous ranges of registered shards, at most `batch` shards each
+            if runs and p == runs[-1][-1] + 1 and len(runs[-1]) < batch:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        for run in runs:
+            start, end = registered[run[0]], registered[run[-1]]
+            yield _range(start, end), f"shards {start}..{end}" if start != end else f"shard {start}", len(run)
         return
     keys = pdef.get_partition_keys()
     if not keys:
         return
-    yield _range(keys[0], keys[-1]), f"partitions {keys[0]}..{keys[-1]}"
+    yield _range(keys[0], keys[-1]), f"partitions {keys[0]}..{keys[-1]}", len(keys)
 
 
 def _range(start: str, end: str) -> dict[str, str]:

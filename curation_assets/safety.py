@@ -61,6 +61,8 @@ labels_asset = dg.AssetSpec(
     LABELS,
     group_name=GROUP,
     kinds={"delta"},
+    metadata={"dagster/column_schema": dg.TableSchema(columns=[
+        dg.TableColumn(name, str(dtype)) for name, dtype in labels_core.LABELS_SCHEMA.items()])},
     description=(
         "Human labels for the safety categories: an append-only Delta log (uid, category, label, source, round, "
         "annotator, labeled_at). Written by `curate labels import FILE.csv` (and the demo's simulated "
@@ -145,9 +147,9 @@ def awaiting_message(readiness: pl.DataFrame) -> str:
     """One line per category that cannot be trained yet, and what to do next."""
     lines = []
     for r in readiness.filter(~pl.col("ready")).iter_rows(named=True):
-        lines.append(f"{r['category']}: {r['positives']} positive / {r['negatives']} negative labels; needs "
-                     f"{r['positives_to_train']} more positive and {r['negatives_to_train']} more negative to train, "
-                     f"{r['positives_for_target']} more positives to show recall {r['target_recall']}")
+        lines.append(f"{r['category']} has {r['positives']}+/{r['negatives']}- labels, needs "
+                     f"{r['positives_to_train']}+ and {r['negatives_to_train']}- more to train, "
+                     f"{r['positives_for_target']}+ more to show recall {r['target_recall']}")
     return "; ".join(lines)
 
 
@@ -432,6 +434,7 @@ def labeling_queue(context: dg.AssetExecutionContext, storage: DeltaStorage,
     mix = this_round.group_by("category", "procedure").len().sort("category", "procedure")
     context.log.info(f"round {round_no}: queued {this_round.height} (uid, category) pairs from a pool of {pool}")
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("labeling_queue", "safety-thresholds"),
         "round": round_no,
         "queued": this_round.height,
         "pool_size": pool,
@@ -494,6 +497,7 @@ def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: 
     context.log.info(f"round {round_no}: no classifier yet; queued {len(rows_idx)} diverse images for "
                      f"{len(cfg.categories)} categories from a sample of {len(uids)}")
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("labeling_queue", "safety-thresholds"),
         "round": round_no, "queued": queue.height, "images": len(rows_idx), "pool_size": len(uids),
         "procedure": "diverse (no classifier yet)",
         "status": dg.MetadataValue.text(AWAITING),
@@ -542,6 +546,7 @@ def safety_thresholds(context: dg.AssetExecutionContext, storage: DeltaStorage,
     shown = table.select("category", "threshold", "target_recall", "recall", "recall_low", "precision",
                          "n_positive", "reachable", "positives_needed")
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("safety_thresholds", "safety-thresholds"),
         "classifier_version": directory.name,
         "thresholds": dg.MetadataValue.md(_md_table(shown)),
         **{f"{r['category']}_threshold": dg.MetadataValue.float(float(r["threshold"])) for r in rows},
@@ -687,6 +692,7 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
     merged = {c: np.concatenate(v) if v else np.zeros(0) for c, v in all_scores.items()}
     rates = {c: float(np.mean(s >= thr[c])) if len(s) else 0.0 for c, s in merged.items()}
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("safety_scores", "safety-thresholds"),
         "samples_scored": total,
         "classifier_version": version,
         **{f"{c}_flag_rate": dg.MetadataValue.float(r) for c, r in rates.items()},
@@ -761,6 +767,7 @@ def filtered_samples(context: dg.AssetExecutionContext, storage: DeltaStorage,
         context.log.info(f"shard {shard}: kept {int(out['kept'].sum())} of {samples.height}")
     n = max(totals["samples"], 1)
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("filtered_samples", "funnel"),
         "samples_in": totals["samples"],
         "kept": totals["kept"],
         "removed": totals["samples"] - totals["kept"],

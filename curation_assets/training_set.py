@@ -58,6 +58,7 @@ def training_set(context: dg.AssetExecutionContext, storage: DeltaStorage,
         "awaiting labels: deduplicated only, weight 1 (the safety filter has not run)")
     context.log.info(f"training set: {kept.height} of {out.height} samples kept ({status})")
     return dg.MaterializeResult(metadata={
+        **storage.table_metadata("training_set", "funnel"),
         "dagster/row_count": out.height,
         "samples_in": samples.height,
         "kept": kept.height,

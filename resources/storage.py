@@ -13,6 +13,36 @@ import polars as pl
 from curation_assets.core import delta
 
 
+COLUMN_DOCS = {
+    "uid": "sample id: '{shard}/{key}'",
+    "shard": "the tar shard (partition key)",
+    "key": "the member key inside the tar",
+    "sha256": "sha256 of the image bytes: names the picture, not its position",
+    "status": "ok, or rejected at ingest (see error)",
+    "error": "why the sample was rejected",
+    "encoder": "name and version of the encoder that made the vector",
+    "embedding": "L2-normalised image embedding (List(Float32))",
+    "kept": "true when the sample stays at this stage",
+    "reasons": "the categories (or 'rejected', 'no_embedding') that removed the sample",
+    "verdict": "final verdict: kept, duplicate, filtered, rejected, not_embedded or pending",
+    "weight": "training weight (kept rows; mean 1)",
+    "group_id": "duplicate group (its smallest uid)",
+    "representative_uid": "the member kept for the group",
+    "score": "calibrated classifier score in [0, 1]",
+    "threshold": "the recall-first threshold the score was judged by",
+    "category": "safety category",
+    "stage": "funnel stage the row measures",
+    "value": "share or ratio",
+    "low": "lower end of the 95% interval",
+    "high": "upper end of the 95% interval",
+    "change_vs_raw": "relative change against the raw stage of the same shards",
+    "source_version": "version of the attribute source (word lists or prompts)",
+    "clustering": "which of the five k-means clusterings",
+    "cluster": "nearest centroid in that clustering",
+    "similarity": "cosine similarity",
+}
+
+
 class DeltaStorage(dg.ConfigurableResource):
     """The data root: Delta tables under ``<root>/delta/<asset>``, model artefacts under
     ``<root>/artifacts/<asset>``, HTML pages under ``<root>/reports``.
@@ -65,13 +95,33 @@ class DeltaStorage(dg.ConfigurableResource):
         """Replace the rows of one key (``column = value``) of a table partitioned by ``column``."""
         return delta.replace_where(self.table_path(name), df, column, value)
 
+    def table_metadata(self, name: str, report_section: str | None = None) -> dict:
+        """What the Dagster UI shows for a table an asset wrote: its column schema (``dagster/column_schema``,
+        so the catalog documents the contract), where it is, and a link to its section of the curation
+        report. Empty when the table does not exist (an asset awaiting labels writes none)."""
+        if not self.exists(name):
+            return {}
+        schema = self.scan(name).collect_schema()
+        out = {
+            "dagster/column_schema": dg.TableSchema(columns=[
+                dg.TableColumn(column, str(dtype), description=COLUMN_DOCS.get(column)) for column, dtype in schema.items()]),
+            "table": dg.MetadataValue.path(str(self.table_path(name))),
+        }
+        if report_section:
+            page = self.root_path / "reports" / "curation_report.html"
+            out["report"] = dg.MetadataValue.url(f"{page.as_uri()}#{report_section}")
+        return out
+
     def delete_where(self, name: str, column: str, value: str | int) -> None:
         delta.delete_where(self.table_path(name), column, value)
 
     def tables(self) -> list[str]:
         """The names of the Delta tables under the root."""
         directory = self.root_path / "delta"
-        return sorted(p.name for p in directory.iterdir() if delta.table_exists(p)) if directory.is_dir() else []
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and delta.table_exists(p))
 
     def delete_shard(self, shard: str) -> list[str]:
         """Delete one shard's rows from every table with a ``shard`` column; returns the tables touched."""

@@ -104,7 +104,9 @@ def _creating(path: str | Path):
     import fcntl
 
     path = Path(path)
-    with open(path.parent / f".{path.name}.create.lock", "w") as handle:
+    locks = path.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{path.name}.create.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

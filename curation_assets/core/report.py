@@ -80,6 +80,52 @@ def table_html(df: pl.DataFrame, digits: int = 3, max_rows: int = 500, caption: 
     return Markup(f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{more}')
 
 
+def fmt_interval(value: float | None, low: float | None, high: float | None, digits: int = 2) -> str:
+    """``1.59 [1.39, 1.81]``; blank for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def fmt_pct(value: float | None, digits: int = 1, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{100 * value:+.{digits}f}%" if signed else f"{100 * value:.{digits}f}%"
+
+
+def collapsible_table(df: pl.DataFrame, visible: int = 10, digits: int = 3, caption: str | None = None) -> Markup:
+    """The first ``visible`` rows as a table; the rest behind a "show all" toggle (nothing is cut)."""
+    if df.height <= visible:
+        return table_html(df, digits=digits, caption=caption)
+    return Markup(f"{table_html(df.head(visible), digits=digits, caption=caption)}"
+                  f"<details class=\"more\"><summary>show all {df.height} rows</summary>"
+                  f"{table_html(df, digits=digits, max_rows=df.height)}</details>")
+
+
+def card(title: str, lines: Sequence[str], href: str, status: str = "") -> Markup:
+    """A summary card: a title, a few short lines, a link to the detailed section."""
+    body = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return Markup(f'<div class="card {html.escape(status)}"><h3><a href="#{html.escape(href)}">{html.escape(title)}</a>'
+                  f'</h3><ul>{body}</ul></div>')
+
+
+def thumbs_html(items: Sequence[dict], blur: bool = False) -> Markup:
+    """A row of thumbnails. Each item: src (data URI or None), caption, marked (outlined, e.g. the group's
+    representative), blur. A blurred image (every one with ``blur``) stays blurred until clicked: reviewers
+    are not shown possibly graphic content unasked."""
+    figures = []
+    for item in items:
+        blurred = blur or item.get("blur", False)
+        classes = " ".join(c for c in ("thumb", "marked" if item.get("marked") else "", "blur" if blurred else "") if c)
+        toggle = ' onclick="this.classList.toggle(\'blur\')" title="click to show or blur"' if blurred else ""
+        image = (f'<img class="{classes}" alt="{html.escape(item["caption"])}" src="{item["src"]}"{toggle}>'
+                 if item.get("src") else '<div class="thumb">unavailable</div>')
+        figures.append(f'<figure>{image}<figcaption>{html.escape(item["caption"])}</figcaption></figure>')
+    return Markup(f'<div class="thumbs">{"".join(figures)}</div>')
+
+
 def paragraph(text: str) -> Markup:
     return Markup(f"<p>{html.escape(text)}</p>")
 
@@ -112,7 +158,9 @@ def matches_html(matches: Sequence[dict]) -> Markup:
 
 
 def render_page(title: str, sections: Sequence[Section], subtitle: str | None = None,
-                links: Sequence[tuple[str, str]] = ()) -> str:
+                links: Sequence[tuple[str, str]] = (), summary: Markup | None = None, collapsed: bool = False) -> str:
+    """A page: an optional first-screen ``summary``, then the sections (each a ``<details>`` element, closed
+    when ``collapsed``)."""
     import jinja2
 
     env = jinja2.Environment(
@@ -120,7 +168,8 @@ def render_page(title: str, sections: Sequence[Section], subtitle: str | None = 
         autoescape=jinja2.select_autoescape(["html", "j2"]),
     )
     return env.get_template("page.html.j2").render(
-        title=title, subtitle=subtitle, sections=list(sections), links=list(links),
+        title=title, subtitle=subtitle, sections=list(sections), links=list(links), summary=summary,
+        collapsed=collapsed,
         generated_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
 
