@@ -451,7 +451,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def decode(data: bytes, size_hint: int = 2 * WORK_SIZE) -> Image.Image:
     """Decode image bytes upright (EXIF orientation applied); JPEGs are decoded at a reduced DCT scale when
     much larger than needed."""
-    from curation_assets.core.shards import upright
+    from curation_assets.core.images import upright
 
     image = Image.open(io.BytesIO(data))
     if image.format == "JPEG":

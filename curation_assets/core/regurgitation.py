@@ -223,7 +223,7 @@ def encode_queries(encoder, blobs: Sequence[bytes], shifts: Sequence[int] = (0,)
 
     from PIL import Image
 
-    from curation_assets.core.shards import upright
+    from curation_assets.core.images import upright
 
     grid = colour_shift_grid(shifts)
     plain = encoder.encode_bytes(list(blobs))  # the originals exactly as the training set was encoded

@@ -23,6 +23,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from curation_assets.core.images import upright
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TRUNCATED_KEY = "_tar_truncated"
 UNREADABLE_KEY = "_shard_unreadable"
@@ -150,18 +152,6 @@ def _decode(data: bytes, limits: IngestLimits) -> tuple[Image.Image | None, dict
         return None, facts
     finally:
         Image.MAX_IMAGE_PIXELS = previous
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """The image as it is displayed: the EXIF orientation tag (cameras, phones, scrapers) applied to the
-    pixels, so width, height and content match what a person sees."""
-    from PIL import ImageOps
-
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # unreadable EXIF is no orientation
-        return img
-    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
