@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import dagster as dg
 
@@ -89,24 +88,12 @@ class Pipeline:
             if bar:
                 bar.close()
 
-    @contextmanager
-    def exclusive(self) -> Iterator[bool]:
+    def exclusive(self):
         """Hold the root's run lock while materialising; yields whether it was free. While it is held, runs
         that this launcher left ``STARTED`` in the instance cannot belong to a live process."""
-        import fcntl
+        from curation_assets.core.locks import file_lock
 
-        lock_dir = self.root / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / "curate_run.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.root / "locks" / "curate_run.lock", blocking=False)
 
     def fail_abandoned_runs(self) -> list[str]:
         """Mark runs of this launcher that are still ``STARTING``/``STARTED`` as failed (a killed ``curate run``

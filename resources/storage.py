@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from curation_assets.core import delta
+from curation_assets.core.locks import file_lock
 
 
 COLUMN_DOCS = {
@@ -70,20 +70,10 @@ class DeltaStorage(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    @contextmanager
-    def locked(self, name: str) -> Iterator[None]:
+    def locked(self, name: str):
         """An exclusive lock on ``name`` between processes on this machine (``<root>/locks``), for a
         read-then-append that must not interleave with another (taking the next label round)."""
-        import fcntl
-
-        directory = self.root_path / "locks"
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f"{name}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.root_path / "locks" / f"{name}.lock")
 
     def exists(self, name: str) -> bool:
         return delta.table_exists(self.table_path(name))

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
+
+from curation_assets.core.locks import file_lock
 
 _RETRIES = 12
 
@@ -98,20 +99,10 @@ def replace_where(path: str | Path, df: pl.DataFrame, column: str, value: str | 
     return df.height
 
 
-@contextmanager
 def _creating(path: str | Path):
     """An exclusive lock (between processes on this machine) around creating the table at ``path``."""
-    import fcntl
-
     path = Path(path)
-    locks = path.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{path.name}.create.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(path.parent / ".locks" / f"{path.name}.create.lock")
 
 
 def delete_where(path: str | Path, column: str, value: str | int) -> None:
