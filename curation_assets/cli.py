@@ -136,17 +136,18 @@ def remove_shards(keys: tuple[str, ...], root: str) -> None:
     from curation_assets.pipeline import dagster_home
     from resources.storage import DeltaStorage
 
-    storage = DeltaStorage(root=root)
+    from curation_assets.sensors import shard_removal_job
+
     instance = dg.DagsterInstance.from_config(str(dagster_home(root)))
-    known = set(instance.get_dynamic_partitions(SHARDS))
-    unknown = [k for k in keys if k not in known]
+    unknown = [k for k in keys if k not in set(instance.get_dynamic_partitions(SHARDS))]
     if unknown:
         click.echo(f"not registered shards: {', '.join(unknown)}", err=True)
         sys.exit(2)
-    for key in keys:
-        tables = storage.delete_shard(key)
-        instance.delete_dynamic_partition(SHARDS, key)
-        click.echo(f"removed shard {key}: rows deleted from {', '.join(tables) or 'no table'}")
+    storage = DeltaStorage(root=root)
+    tables = storage.shard_tables()
+    shard_removal_job.execute_in_process(instance=instance, resources={"storage": storage},
+                                         run_config={"ops": {"remove_shards": {"config": {"shards": list(keys)}}}})
+    click.echo(f"removed shards {', '.join(keys)}: rows deleted from {', '.join(tables) or 'no table'}")
     click.echo("run `curate run` (or wait for the global refresh) to bring dedup, weights and the training set up to date")
 
 

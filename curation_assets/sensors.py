@@ -7,6 +7,7 @@ import dagster as dg
 
 from curation_assets.partitions import SHARDS, shard_partitions
 from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
 
 MAX_SHARDS_PER_TICK = 50
 
@@ -61,4 +62,29 @@ def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSo
         cursor=json.dumps(seen))
 
 
-defs = dg.Definitions(sensors=[new_shards_sensor])
+class ShardRemoval(dg.Config):
+    """The shards to forget (partition keys, as `curate shards list` prints them)."""
+
+    shards: list[str]
+
+
+@dg.op(description="Delete the shards' rows from every per-shard table and their partitions from the instance.")
+def remove_shards(context: dg.OpExecutionContext, config: ShardRemoval, storage: DeltaStorage) -> None:
+    known = set(context.instance.get_dynamic_partitions(SHARDS))
+    unknown = [key for key in config.shards if key not in known]
+    if unknown:
+        raise dg.Failure(f"not registered shards: {unknown}")
+    for key in config.shards:
+        tables = storage.delete_shard(key)
+        context.instance.delete_dynamic_partition(SHARDS, key)
+        context.log.info(f"removed shard {key}: rows deleted from {', '.join(tables) or 'no table'}")
+
+
+@dg.job(description="Forget shards (the UI's equivalent of `curate shards remove KEY`): their rows leave every "
+                    "per-shard table and their partitions leave the instance; global assets drop them on their "
+                    "next refresh. Launch it from the Launchpad with `ops: remove_shards: config: shards: [KEY]`.")
+def shard_removal_job():
+    remove_shards()
+
+
+defs = dg.Definitions(sensors=[new_shards_sensor], jobs=[shard_removal_job])

@@ -113,13 +113,15 @@ class DeltaStorage(dg.ConfigurableResource):
         return sorted(p.name for p in directory.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and delta.table_exists(p))
 
+    def shard_tables(self) -> list[str]:
+        """The tables with a ``shard`` column (per-shard tables and global tables that name the shard)."""
+        return [name for name in self.tables() if "shard" in self.scan(name).collect_schema().names()]
+
     def delete_shard(self, shard: str) -> list[str]:
         """Delete one shard's rows from every table with a ``shard`` column; returns the tables touched."""
-        touched = []
-        for name in self.tables():
-            if "shard" in self.scan(name).collect_schema().names():
-                self.delete_where(name, "shard", shard)
-                touched.append(name)
+        touched = self.shard_tables()
+        for name in touched:
+            self.delete_where(name, "shard", shard)
         return touched
 
     def maintain(self, retention_hours: int) -> dict[str, dict]:

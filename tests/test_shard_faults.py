@@ -134,3 +134,24 @@ def test_a_tar_not_grouped_by_key_loses_nothing(tmp_path):
     errors = df.filter(pl.col("status") == "rejected")["error"].to_list()
     assert any("comes after the other members of key 'a'" in e for e in errors)
     assert any(e.startswith("duplicate key 'a'") for e in errors)
+
+
+def test_the_ui_job_removes_a_shard_like_the_cli(ingested, tmp_path):
+    """shard_removal_job, launched with config as from the Launchpad, forgets a shard in tables and instance."""
+    import dagster as dg
+
+    from curation_assets.sensors import shard_removal_job
+
+    state = ingested.copy(tmp_path / "root")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000", "00001"])
+    result = shard_removal_job.execute_in_process(
+        instance=instance, resources={"storage": state.storage},
+        run_config={"ops": {"remove_shards": {"config": {"shards": ["00001"]}}}})
+    assert result.success
+    assert instance.get_dynamic_partitions("shards") == ["00000"]
+    for table in ("samples", "image_embeddings"):
+        assert set(state.storage.read(table, columns=["shard"])["shard"]) == {"00000"}, table
+    with pytest.raises(dg.Failure, match="not registered"):
+        shard_removal_job.execute_in_process(instance=instance, resources={"storage": state.storage},
+                                             run_config={"ops": {"remove_shards": {"config": {"shards": ["nope"]}}}})
