@@ -6,8 +6,7 @@
   open_clip checkpoint (Birhane et al.'s protocol).
 - ``dataset_census``: counts, sizes, caption lengths, safety scores, duplicate rate, caption demographics,
   face counts, per shard and overall.
-- ``curation_report``: one HTML page tying every stage together (funnel, active learning, bias, dedup
-  recall, census, links to the audit pages). ``report_path(storage)`` says where it is.
+(The curation report that ties every stage together lives in ``curation_assets/report.py``.)
 
 Every asset reads its upstream tables defensively: a stage that has not run shows as "stage not run".
 """
@@ -34,7 +33,6 @@ from resources.storage import DeltaStorage
 REGURGITATION_PAGE = "regurgitation.html"
 CLIP_BIAS_PAGE = "clip_bias.html"
 CENSUS_PAGE = "census.html"
-REPORT_PAGE = "curation_report.html"
 NOT_CONFIGURED = "not configured"
 UNCONFIGURED_KEY = "none"
 
@@ -180,14 +178,6 @@ def configured_checkpoint_names() -> list[str]:
     return list(dict.fromkeys(names)) or [UNCONFIGURED_KEY]
 
 
-def _read(storage: DeltaStorage, name: str) -> pl.DataFrame | None:
-    """A whole upstream table, or None when its stage has not run (or wrote nothing readable)."""
-    try:
-        if not storage.exists(name):
-            return None
-        return storage.read(name)
-    except Exception:  # a half-written or foreign table must not break an audit
-        return None
 
 
 def _encoder_threshold(model, cfg: RegurgitationConfig) -> tuple[float, str]:
@@ -249,7 +239,7 @@ def regurgitation_audit(
     if not rc.generated:
         reason = "set audits.regurgitation.generated to a directory of generated images (or of .tar shards)"
         rpt.write_page(page_path, rpt.render_page("Regurgitation audit", [rpt.Section("status", "Status", missing=f"Not configured: {reason}.")]))
-        _write_json(storage, "regurgitation_audit", {"status": NOT_CONFIGURED, "reason": reason})
+        storage.write_json("regurgitation_audit", {"status": NOT_CONFIGURED, "reason": reason})
         return dg.MaterializeResult(metadata={"status": NOT_CONFIGURED, "configure": reason, "page": dg.MetadataValue.path(str(page_path))})
 
     generated = rg.list_generated(rc.generated)
@@ -273,7 +263,7 @@ def regurgitation_audit(
     references: dict[str, tuple[list[str], np.ndarray]] = {"full": (uids, xb)}
     dedup_note = None
     if rc.deduplicated:
-        dedup = _read(storage, "deduplicated_samples")
+        dedup = storage.read_if_exists("deduplicated_samples")
         if dedup is None or "uid" not in dedup.columns:
             dedup_note = "deduplicated_samples not materialised (dedup stage not run): full set only"
         else:
@@ -326,7 +316,7 @@ def regurgitation_audit(
     ]
     rpt.write_page(page_path, rpt.render_page("Regurgitation audit", sections, subtitle=f"training set: {len(uids)} images"))
     (storage.artifact_dir("regurgitation_audit") / "matches.json").write_text(json.dumps(matches))
-    _write_json(storage, "regurgitation_audit", {"status": "ok", "threshold": threshold, "threshold_source": threshold_source,
+    storage.write_json("regurgitation_audit", {"status": "ok", "threshold": threshold, "threshold_source": threshold_source,
                                                   "encoder": model.name, "summaries": summaries, "note": dedup_note})
     full = summaries[0]
     metadata: dict[str, Any] = {
@@ -386,24 +376,10 @@ def _similarity_histogram(table: pl.DataFrame, threshold: float) -> bytes:
     return figure_png(fig)
 
 
-def _write_json(storage: DeltaStorage, asset: str, payload: dict, name: str = "summary.json") -> Path:
-    path = storage.artifact_dir(asset) / name
-    path.write_text(json.dumps(payload, indent=2, default=_json_default))
-    return path
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
 
 
-def _read_json(storage: DeltaStorage, asset: str, name: str = "summary.json") -> dict | None:
-    path = storage.root_path / "artifacts" / asset / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- CLIP bias
@@ -475,7 +451,7 @@ def _audit_checkpoint(context, storage: DeltaStorage, cfg: AuditsConfig, key: st
         context.log.warning(f"clip_bias_audit[{key}]: {NOT_CONFIGURED}: {reason}")
         _replace_checkpoint_rows(storage, key, None)
         status = {"status": NOT_CONFIGURED, "reason": reason}
-        _write_json(storage, "clip_bias_audit", status, f"{key}.json")
+        storage.write_json("clip_bias_audit", status, f"{key}.json")
         return status
     image_emb, label_emb = cb.encode_probe_set(model, preprocess, tokenizer, probe, c.labels, c.templates, c.batch_size, device)
     probs = cb.zero_shot_probabilities(image_emb, label_emb, c.temperature)
@@ -488,7 +464,7 @@ def _audit_checkpoint(context, storage: DeltaStorage, cfg: AuditsConfig, key: st
     non_human = float(rows.filter((pl.col("group") == "all") & ~pl.col("human_label"))["share"].sum())
     status = {"status": "ok", "reason": None, "n_probes": len(probe), "non_human_share": non_human,
               "random_init": spec.random_init, "markdown": cb.shares_markdown(shares, c.labels)}
-    _write_json(storage, "clip_bias_audit", status, f"{key}.json")
+    storage.write_json("clip_bias_audit", status, f"{key}.json")
     context.log.info(f"clip_bias_audit[{key}]: {len(probe)} probes, {non_human:.1%} top-1 outside the human labels")
     return status
 
@@ -508,11 +484,11 @@ def clip_bias_sections(storage: DeltaStorage, cfg: AuditsConfig) -> list[rpt.Sec
     from curation_assets.core import clip_bias as cb
 
     names = [ck.name for ck in cfg.checkpoints()]
-    table = _read(storage, "clip_bias_audit")
+    table = storage.read_if_exists("clip_bias_audit")
     sections = []
     present = [] if table is None or table.height == 0 else list(dict.fromkeys(table["checkpoint"].to_list()))
     for name in list(dict.fromkeys(names + present)):
-        status = _read_json(storage, "clip_bias_audit", f"{name}.json") or {}
+        status = storage.read_json("clip_bias_audit", f"{name}.json") or {}
         if name not in present:
             reason = status.get("reason") or "not materialised yet"
             sections.append(rpt.Section(f"clip-{name}", f"Checkpoint {name}", missing=f"Not configured: {reason}"))
@@ -583,7 +559,7 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     plots["caption_length"] = census.histogram_png({"words": ok["caption"].fill_null("").str.split(" ").list.len().to_numpy()},
                                                    "caption length", "words")
     notes: dict[str, str] = {}
-    scores = _read(storage, "safety_scores")
+    scores = storage.read_if_exists("safety_scores")
     if scores is not None:
         frames["safety_scores"] = census.category_score_summary(scores)
         by_category = {c: part["score"].to_numpy() for (c,), part in scores.group_by(["category"], maintain_order=True)}
@@ -592,7 +568,7 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
                                                           "safety scores per category", "score", log=True)
     else:
         notes["safety_scores"] = "safety_scores not materialised (safety stage not run)"
-    groups = _read(storage, "dedup_groups")
+    groups = storage.read_if_exists("dedup_groups")
     if groups is not None and {"uid", "group_id", "is_representative"} <= set(groups.columns):
         frames["duplicates"] = census.duplicate_rate(groups, samples)
     else:
@@ -680,7 +656,7 @@ def _census_table(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
 def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
     """The census as page sections, from the artefacts ``dataset_census`` wrote."""
     out_dir = storage.root_path / "artifacts" / "dataset_census"
-    table = _read(storage, "dataset_census")
+    table = storage.read_if_exists("dataset_census")
     if table is None:
         return [rpt.Section("census", "Dataset census", missing="dataset_census not materialised (stage not run)")]
     notes = json.loads((out_dir / "notes.json").read_text()) if (out_dir / "notes.json").is_file() else {}
@@ -699,54 +675,7 @@ def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
     return sections
 
 
-# --------------------------------------------------------------------------- the curation report
-
-
-def report_path(storage: DeltaStorage) -> Path:
-    """Where ``curation_report`` writes its HTML page (``curate report`` prints this)."""
-    return storage.reports_dir() / REPORT_PAGE
-
-
-@dg.asset(
-    deps=["regurgitation_audit", "clip_bias_audit", "dataset_census",
-          dg.AssetDep("filtered_samples", partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep("demographic_ratios", partition_mapping=dg.AllPartitionMapping()),
-          "overall_demographic_ratios", "training_set",
-          "dedup_groups", "deduplicated_samples", "dedup_recall", "safety_classifiers"],
-    group_name="audits",
-    kinds={"html"},
-)
-def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
-                    shard_source: ShardSource) -> dg.MaterializeResult:
-    """One HTML page for reviewers: the funnel (ingested, rejected, filtered per category, removed as
-    duplicates, kept), the active-learning curve, group ratios per stage, the dedup recall curve, the
-    census and links to the audit pages. Sections whose stage has not run say so."""
-    from curation_assets import report as sections_mod
-
-    from curation_assets.safety import NEXT_STEP, awaiting_message, classifiers_trained, label_readiness, safety_config
-
-    cfg = audits_config(settings)
-    awaiting = None
-    if not classifiers_trained(storage):
-        awaiting = (awaiting_message(label_readiness(storage, safety_config(settings))) or "no classifier trained yet")
-        awaiting += f". Next: {NEXT_STEP}."
-    built = sections_mod.build_report(storage, cfg, context.log, awaiting, shard_source)
-    path = report_path(storage)
-    links = [(label, page) for label, page in (("Regurgitation audit", REGURGITATION_PAGE), ("CLIP bias audit", CLIP_BIAS_PAGE),
-                                               ("Census", CENSUS_PAGE)) if (storage.reports_dir() / page).is_file()]
-    rpt.write_page(path, rpt.render_page(cfg.report.get("title", "Curation report"), built.sections,
-                                         subtitle=f"data root {storage.root_path}", links=links,
-                                         summary=built.summary, collapsed=True))
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(path)),
-        "report": dg.MetadataValue.url(path.as_uri()),
-        "funnel": dg.MetadataValue.md(built.funnel_markdown),
-        "stages not run": ", ".join(built.missing) or "none",
-        "safety": dg.MetadataValue.text("awaiting labels" if awaiting else "filter applied"),
-    })
-
-
-defs = dg.Definitions(assets=[regurgitation_audit, clip_bias_audit, dataset_census, curation_report])
+defs = dg.Definitions(assets=[regurgitation_audit, clip_bias_audit, dataset_census])
 
 
 # --------------------------------------------------------------------------- demo hooks
@@ -768,8 +697,8 @@ def flagged_per_image(table: pl.DataFrame, reference: str) -> pl.DataFrame:
 def demo_summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:
     """Regurgitation recall on the planted copies and flag rate on novel images, against generated_truth."""
     truth_path = Path(corpus_dir) / "generated_truth.parquet"
-    table = _read(storage, "regurgitation_audit")
-    lines = [f"report: {report_path(storage)}"]
+    table = storage.read_if_exists("regurgitation_audit")
+    lines = [f"report: {storage.reports_dir() / rpt.REPORT_PAGE}"]
     if table is None or not truth_path.is_file():
         return lines + ["regurgitation audit: not run or no generated_truth.parquet"]
     truth = pl.read_parquet(truth_path)

@@ -211,7 +211,7 @@ def maintain(root: str, retain_hours: int) -> None:
 @click.option("--root", type=click.Path(exists=True, file_okay=False), required=True)
 def report(root: str) -> None:
     """Print the path of the curation report (materialise curation_report first)."""
-    from curation_assets.audits import report_path
+    from curation_assets.report import report_path
     from resources.storage import DeltaStorage
 
     path = report_path(DeltaStorage(root=root))

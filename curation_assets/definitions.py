@@ -18,7 +18,7 @@ from typing import Any
 
 import dagster as dg
 
-from curation_assets import audits, bias, dedup, embeddings, ingest, safety, sensors, training_set
+from curation_assets import audits, bias, dedup, embeddings, ingest, report, safety, sensors, training_set
 from curation_assets.automation import with_automation
 from curation_assets.config import validate_settings
 from resources.alerts import AlertSink
@@ -28,7 +28,7 @@ from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
 
-STAGES = (ingest, embeddings, safety, dedup, bias, training_set, audits, sensors)
+STAGES = (ingest, embeddings, safety, dedup, bias, training_set, audits, report, sensors)
 
 
 def build_resources(

@@ -1,20 +1,24 @@
-"""The sections of the curation report, built from whatever tables the stages have written so far.
+"""The curation report: one HTML page tying every stage together, and the asset that writes it.
 
 Each builder reads its upstream tables defensively (the schema of a table another stage owns is checked
 before use) and returns a section that says "stage not run" when the table is missing. The funnel
 reconciles: ingested = rejected + filtered + removed as duplicates + kept.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 
+import dagster as dg
 from markupsafe import Markup
 
 from curation_assets.core.plots import figure_png
 from curation_assets.core import report as rpt
+from resources.settings import CurationSettings
+from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
 
 MATCHES_SHOWN = 12
 CSV_MAX_ROWS = 200_000
@@ -33,9 +37,7 @@ class BuiltReport:
 
 
 def _read(storage, name: str) -> pl.DataFrame | None:
-    from curation_assets.audits import _read as read
-
-    return read(storage, name)
+    return storage.read_if_exists(name)
 
 
 def _not_run(id_: str, title: str, table: str, stage: str) -> rpt.Section:
@@ -259,9 +261,9 @@ def dedup_recall_section(storage, groups_html: Markup | None = None) -> rpt.Sect
 def regurgitation_section(storage) -> rpt.Section:
     import json
 
-    from curation_assets.audits import REGURGITATION_PAGE, _read_json
+    from curation_assets.audits import REGURGITATION_PAGE
 
-    summary = _read_json(storage, "regurgitation_audit")
+    summary = storage.read_json("regurgitation_audit")
     if summary is None:
         return rpt.Section("regurgitation", "Regurgitation audit", missing="Stage not run: regurgitation_audit not materialised.")
     if summary.get("status") != "ok":
@@ -439,8 +441,6 @@ def tables_section(storage) -> rpt.Section:
 def summary_html(storage, table: pl.DataFrame | None, awaiting: str | None) -> Markup:
     """The first screen: the headline of every stage as a card linking to its section, the funnel and the
     ratio chart."""
-    from curation_assets.audits import _read_json
-
     cards = []
     steps = dict(table.select("step", "samples").iter_rows()) if table is not None else {}
     total = steps.get("ingested") or 0
@@ -488,7 +488,7 @@ def summary_html(storage, table: pl.DataFrame | None, awaiting: str | None) -> M
                 bias_lines.append(f"{group} after the filter alone: {by['filtered']['value']:.3f} "
                                   f"({rpt.fmt_pct(by['filtered']['change_vs_raw'], signed=True)})")
     cards.append(rpt.card("Group ratios", bias_lines or ["demographic ratios not measured yet"], "bias"))
-    regurgitation = _read_json(storage, "regurgitation_audit")
+    regurgitation = storage.read_json("regurgitation_audit")
     if regurgitation and regurgitation.get("status") == "ok":
         s0 = regurgitation["summaries"][0]
         reg_lines = [f"{s0['n_flagged']} of {s0['n_generated']} generated images copy a training image: "
@@ -544,3 +544,52 @@ def build_report(storage, cfg, log=None, awaiting: str | None = None, shard_sour
     if log:
         log.info(f"curation report: {len(sections)} sections; not run: {not_run or 'none'}")
     return BuiltReport(sections, table, not_run, summary_html(storage, table, awaiting))
+
+
+# --------------------------------------------------------------------------- the asset
+
+
+def report_path(storage: DeltaStorage) -> Path:
+    """Where ``curation_report`` writes its HTML page (``curate report`` prints this)."""
+    return storage.reports_dir() / rpt.REPORT_PAGE
+
+
+@dg.asset(
+    deps=["regurgitation_audit", "clip_bias_audit", "dataset_census",
+          dg.AssetDep("filtered_samples", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("demographic_ratios", partition_mapping=dg.AllPartitionMapping()),
+          "overall_demographic_ratios", "training_set",
+          "dedup_groups", "deduplicated_samples", "dedup_recall", "safety_classifiers"],
+    group_name="audits",
+    kinds={"html"},
+)
+def curation_report(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
+                    shard_source: ShardSource) -> dg.MaterializeResult:
+    """One HTML page for reviewers: the funnel (ingested, rejected, filtered per category, removed as
+    duplicates, kept), the active-learning curve, group ratios per stage, the dedup recall curve, the
+    census and links to the audit pages. Sections whose stage has not run say so."""
+    from curation_assets.audits import CENSUS_PAGE, CLIP_BIAS_PAGE, REGURGITATION_PAGE, audits_config
+    from curation_assets.safety import NEXT_STEP, awaiting_message, classifiers_trained, label_readiness, safety_config
+
+    cfg = audits_config(settings)
+    awaiting = None
+    if not classifiers_trained(storage):
+        awaiting = (awaiting_message(label_readiness(storage, safety_config(settings))) or "no classifier trained yet")
+        awaiting += f". Next: {NEXT_STEP}."
+    built = build_report(storage, cfg, context.log, awaiting, shard_source)
+    path = report_path(storage)
+    links = [(label, page) for label, page in (("Regurgitation audit", REGURGITATION_PAGE), ("CLIP bias audit", CLIP_BIAS_PAGE),
+                                               ("Census", CENSUS_PAGE)) if (storage.reports_dir() / page).is_file()]
+    rpt.write_page(path, rpt.render_page(cfg.report.get("title", "Curation report"), built.sections,
+                                         subtitle=f"data root {storage.root_path}", links=links,
+                                         summary=built.summary, collapsed=True))
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "report": dg.MetadataValue.url(path.as_uri()),
+        "funnel": dg.MetadataValue.md(built.funnel_markdown),
+        "stages not run": ", ".join(built.missing) or "none",
+        "safety": dg.MetadataValue.text("awaiting labels" if awaiting else "filter applied"),
+    })
+
+
+defs = dg.Definitions(assets=[curation_report])

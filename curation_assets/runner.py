@@ -11,9 +11,13 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from curation_assets.partitions import SHARDS, shard_backfill_policy
+
+# The run tags of a ranged (multi-partition) run, as the UI's backfills and Dagster's docs write them; the
+# constants themselves are only in Dagster's private modules.
+ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
+ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def register_shards(instance: dg.DagsterInstance, keys: Iterable[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -41,6 +42,12 @@ COLUMN_DOCS = {
     "cluster": "nearest centroid in that clustering",
     "similarity": "cosine similarity",
 }
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
 
 
 class DeltaStorage(dg.ConfigurableResource):
@@ -84,6 +91,27 @@ class DeltaStorage(dg.ConfigurableResource):
     def replace_where(self, name: str, df: pl.DataFrame, column: str, value: str | int) -> int:
         """Replace the rows of one key (``column = value``) of a table partitioned by ``column``."""
         return delta.replace_where(self.table_path(name), df, column, value)
+
+    def read_if_exists(self, name: str) -> pl.DataFrame | None:
+        """A whole table, or None when its stage has not run (or wrote nothing readable): for report and
+        audit code that must not break on a missing or foreign upstream table."""
+        try:
+            return self.read(name) if self.exists(name) else None
+        except Exception:  # a half-written or foreign table must not break a report
+            return None
+
+    def write_json(self, asset: str, payload: dict, name: str = "summary.json") -> Path:
+        """A small JSON artefact of ``asset`` (numpy numbers become plain numbers)."""
+        path = self.artifact_dir(asset) / name
+        path.write_text(json.dumps(payload, indent=2, default=_json_default))
+        return path
+
+    def read_json(self, asset: str, name: str = "summary.json") -> dict | None:
+        """A JSON artefact written by :meth:`write_json`, or None when there is none."""
+        try:
+            return json.loads((self.root_path / "artifacts" / asset / name).read_text())
+        except (OSError, ValueError):
+            return None
 
     def table_metadata(self, name: str, report_section: str | None = None) -> dict:
         """What the Dagster UI shows for a table an asset wrote: its column schema (``dagster/column_schema``,

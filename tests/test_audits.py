@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from curation_assets import audits
+from curation_assets import audits, report
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 
@@ -44,7 +44,7 @@ def test_regurgitation_flags_planted_copies_and_spares_novel_images(audited):
     group = dict(pl.read_parquet(audited.corpus / "ground_truth.parquet").select("uid", "dup_group").iter_rows())
     same = [t == s or (group[s] is not None and group[t] == group[s]) for t, s in found.select("train_uid", "source_uid").iter_rows()]
     assert np.mean(same) >= 0.9
-    summary = audits._read_json(audited.storage, "regurgitation_audit")
+    summary = audited.storage.read_json("regurgitation_audit")
     full = summary["summaries"][0]
     assert full["n_flagged"] == best["flagged"].sum() and full["ci_low"] < full["rate"] < full["ci_high"]
     assert full["index"] == "flat" and summary["threshold_source"] == "audits.regurgitation.thresholds[perceptual-v1]"
@@ -113,7 +113,7 @@ def test_census_counts_and_faces(audited):
 
 
 def test_report_sections_cope_with_missing_stages(audited):
-    page = audits.report_path(audited.storage).read_text()
+    page = report.report_path(audited.storage).read_text()
     for section in ("Funnel", "Active learning", "Group ratios per stage", "Dedup recall", "Regurgitation audit", "Dataset census"):
         assert f">{section}</h2>" in page
     assert page.count("Stage not run") >= 3  # active learning, bias, dedup recall

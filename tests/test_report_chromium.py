@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation_assets import audits
+from curation_assets import audits, report
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -116,7 +116,7 @@ def label_free_root(demo_corpus, tmp_path_factory):
 def test_demo_report_first_screen_tells_the_story(demo_root, tmp_path):
     from resources.storage import DeltaStorage
 
-    page = audits.report_path(DeltaStorage(root=str(demo_root)))
+    page = report.report_path(DeltaStorage(root=str(demo_root)))
     seen = _rendered(page, tmp_path)
     assert seen["viewport"].startswith("1400x")  # laid out 1400 px wide; the screenshot below is 1400 x 1000
     for element in ("summary", "funnel", "ratio"):
@@ -141,7 +141,7 @@ def test_demo_report_first_screen_tells_the_story(demo_root, tmp_path):
 def test_label_free_report_shows_safety_as_pending(label_free_root, tmp_path):
     from resources.storage import DeltaStorage
 
-    page = audits.report_path(DeltaStorage(root=str(label_free_root)))
+    page = report.report_path(DeltaStorage(root=str(label_free_root)))
     seen = _rendered(page, tmp_path)
     assert _in_first_screen(seen["funnel"]) and _in_first_screen(seen["ratio"]), seen
     assert seen["pending"] == 1 and seen["height"] < 8000 and seen["errors"] == ""

@@ -21,6 +21,9 @@ from curation_assets.core.plots import png_data_uri  # noqa: F401  (re-exported 
 from markupsafe import Markup
 
 
+REPORT_PAGE = "curation_report.html"
+
+
 @dataclass
 class Section:
     id: str
