@@ -210,13 +210,15 @@ def _clip_text_embeddings(encoder: Any, prompts: Mapping[str, Sequence[str]]) ->
     return out
 
 
-def clip_attributes(storage: DeltaStorage, shard: str, uids: pl.Series, encoder: Any, cfg: BiasSettings
-                    ) -> Optional[AttributeSource]:
+def clip_attributes(storage: DeltaStorage, shard: str, uids: pl.Series, encoder: Any, cfg: BiasSettings,
+                    text: Optional[dict[str, np.ndarray]] = None) -> Optional[AttributeSource]:
+    """CLIP zero-shot groups of one shard's samples. ``text``: the prompts' embeddings, computed once per
+    step by the caller (:func:`_clip_text_embeddings` loads the model), else here."""
     ids, x = storage.load_embeddings([shard])
     if ids.height == 0:
         return None
     encoder_names = sorted(set(ids["encoder"].to_list()))
-    text = _clip_text_embeddings(encoder, cfg.clip.prompts)
+    text = text if text is not None else _clip_text_embeddings(encoder, cfg.clip.prompts)
     members = demo.clip_zero_shot(x, text, neutral=cfg.clip.neutral, logit_scale=cfg.clip.logit_scale,
                                   min_probability=cfg.clip.min_probability)
     groups = [g for g in cfg.clip.prompts if g != cfg.clip.neutral]
@@ -424,14 +426,15 @@ def _table_markdown(rows: pl.DataFrame, kinds: Sequence[str]) -> str:
 
 # --- assets ----------------------------------------------------------------------------------------------
 
-def measure_shard(storage: DeltaStorage, shard: str, cfg: BiasSettings, encoder: EncoderResource, use_clip: bool,
-                  log: Any = None) -> tuple[list[dict], list[str]]:
-    """The ratio rows of one shard at every stage that exists now, and those stages."""
+def measure_shard(storage: DeltaStorage, shard: str, cfg: BiasSettings, encoder: EncoderResource,
+                  clip_text: Optional[dict[str, np.ndarray]], log: Any = None) -> tuple[list[dict], list[str]]:
+    """The ratio rows of one shard at every stage that exists now, and those stages. ``clip_text``: the CLIP
+    prompts' embeddings (loaded once per step), or None when CLIP attributes are off."""
     sets = stage_sets(storage, shard, log)
     raw = sets["raw"][0]
     sources = [caption_attributes(raw, cfg)]
-    if use_clip:
-        clip = clip_attributes(storage, shard, raw["uid"], encoder, cfg)
+    if clip_text is not None:
+        clip = clip_attributes(storage, shard, raw["uid"], encoder, cfg, clip_text)
         if clip is not None:
             sources.append(clip)
     return measure(sets, sources, cfg.confidence), list(sets)
@@ -464,10 +467,11 @@ def demographic_ratios(context: dg.AssetExecutionContext, storage: DeltaStorage,
     ``overall_demographic_ratios``. ``bias_drift_sensor`` judges every new measurement."""
     cfg = load_settings(settings)
     use_clip = clip_enabled(encoder, cfg)
+    clip_text = _clip_text_embeddings(encoder, cfg.clip.prompts) if use_clip else None
     now = datetime.now(timezone.utc)
     written = []
     for shard in partition_keys(context):
-        rows, stages = measure_shard(storage, shard, cfg, encoder, use_clip, context.log)
+        rows, stages = measure_shard(storage, shard, cfg, encoder, clip_text, context.log)
         frame = _frame(rows, shard, "shard", 1, context.run.run_id, now)
         storage.write_shard(RATIOS, frame, shard)
         written.append(frame)
@@ -497,10 +501,11 @@ def overall_demographic_ratios(context: dg.AssetExecutionContext, storage: Delta
     and the counts are summed (one writer of one table, so concurrent shard runs never lose an update)."""
     cfg = load_settings(settings)
     use_clip = clip_enabled(encoder, cfg)
+    clip_text = _clip_text_embeddings(encoder, cfg.clip.prompts) if use_clip else None
     now = datetime.now(timezone.utc)
     frames = []
     for shard in storage.shards("samples"):
-        rows, _ = measure_shard(storage, shard, cfg, encoder, use_clip)
+        rows, _ = measure_shard(storage, shard, cfg, encoder, clip_text)
         frames.append(_frame(rows, shard, "shard", 1, context.run.run_id, now))
     per_shard = pl.concat(frames) if frames else pl.DataFrame(schema=RATIO_SCHEMA)
     overall = _frame(overall_rows(per_shard, _ratio_pairs(cfg, use_clip), cfg.confidence), OVERALL, "overall",
