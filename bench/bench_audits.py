@@ -33,7 +33,7 @@ def packaged_regurgitation_config() -> dict:
 
 def demo_regurgitation(shards: int, per_shard: int, size: int, seed: int, k: int = 20, threshold: float | None = None) -> dict:
     from curation_assets.core import regurgitation as rg
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
     from curation_assets.core.perceptual import PerceptualEncoder
     from curation_assets.core.shards import read_images, read_shard
 

@@ -1,6 +1,6 @@
 """Benchmark of the five-clustering near-duplicate search on synthetic embeddings with realistic structure.
 
-Three measurements (see ``curation_assets.core.dedup_synthetic`` for the data: topics of very uneven size
+Three measurements (see ``curation_assets.demo.synthetic_embeddings`` for the data: topics of very uneven size
 grouped into themes, plus planted duplicate groups with copies at cosine 0.92..0.995 to their source):
 
 1. **Against brute force** at N = 200,000, d = 512, in the same run: the five-clustering search (fit + assign +
@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation_assets.core import dedup  # noqa: E402
-from curation_assets.core.dedup_synthetic import synthetic_embeddings  # noqa: E402
+from curation_assets.demo.synthetic_embeddings import synthetic_embeddings  # noqa: E402
 
 THRESHOLD = 0.9
 

@@ -48,7 +48,7 @@ def ensure_corpus(corpus: Path | None) -> Path:
     for path in candidates:
         if path and (path / "ground_truth.parquet").is_file():
             return path
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
 
     out = candidates[-1]
     print(f"generating the demo corpus (4 x 1000 images, 256 px) at {out}")

@@ -63,7 +63,7 @@ def run(corpus: Path | None, shards: int, per_shard: int, seed: int, n_random: i
                                 "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}}
     tmp = None
     if corpus is None:
-        from curation_assets.core.demo_corpus import write_demo_corpus
+        from curation_assets.demo.corpus import write_demo_corpus
 
         tmp = tempfile.TemporaryDirectory(prefix="bench-encoders-")
         corpus = Path(tmp.name)

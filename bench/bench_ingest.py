@@ -23,7 +23,7 @@ CORPUS = Path("bench/results/raw/corpus")
 
 
 def ensure_corpus(shards: int, per_shard: int) -> Path:
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
 
     stamp = CORPUS / "params.json"
     params = {"shards": shards, "per_shard": per_shard}

@@ -23,7 +23,7 @@ def main() -> None:
 @click.option("--drift-shard", is_flag=True, help="Also write one extra shard whose demographic mix has drifted.")
 def demo_data(out: Path, shards: int, per_shard: int, seed: int, size: int, drift_shard: bool) -> None:
     """Write the synthetic demo corpus (img2dataset layout) and its ground truth."""
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
 
     started = time.perf_counter()
     summary = write_demo_corpus(out, shards=shards, per_shard=per_shard, seed=seed, size=size, drift_shard=drift_shard)

@@ -22,7 +22,7 @@ SMALL = {"shards": 2, "per_shard": 200, "seed": 1, "size": 128}
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """A small demo corpus (2 shards x 200 images of 128 px) with ground_truth.parquet and generated/."""
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     write_demo_corpus(out, **SMALL)
@@ -64,7 +64,7 @@ class Ingested:
 def open_ingested(corpus: Path, root: Path, source: Path | None = None) -> Ingested:
     import dagster as dg
 
-    from curation_assets.demo import demo_config
+    from curation_assets.demo.run import demo_config
     from curation_assets.pipeline import open_pipeline
 
     if source is not None:

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from curation_assets import audits, report
+from curation_assets.core import regurgitation as rg
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 
@@ -30,7 +31,7 @@ def test_regurgitation_flags_planted_copies_and_spares_novel_images(audited):
     truth = pl.read_parquet(audited.corpus / "generated_truth.parquet")
     table = audited.storage.read("regurgitation_audit")
     assert set(table["reference"].unique()) == {"full"}  # dedup stage not run
-    best = audits.flagged_per_image(table, "full")
+    best = rg.flagged_per_image(table, "full")
     assert best.height == truth.height == table["generated_id"].n_unique()
     joined = truth.join(best, left_on="uid", right_on="generated_id", how="inner")
     assert joined.height == truth.height
@@ -84,9 +85,9 @@ def test_regurgitation_against_deduplicated_set_and_approximate_index(audited, t
     assert 0.0 < metadata["index_recall_at_k"].value <= 1.0
     table = pipeline.storage.read("regurgitation_audit")
     assert not table.filter(pl.col("reference") == "deduplicated")["train_uid"].is_in(list(dropped)).any()
-    dedup_best = audits.flagged_per_image(table, "deduplicated")
+    dedup_best = rg.flagged_per_image(table, "deduplicated")
     copy_ids = truth.filter(pl.col("source_uid").is_in(list(dropped)))["uid"]
-    full_flag = audits.flagged_per_image(table, "full").filter(pl.col("generated_id").is_in(copy_ids))["flagged"].mean()
+    full_flag = rg.flagged_per_image(table, "full").filter(pl.col("generated_id").is_in(copy_ids))["flagged"].mean()
     dedup_flag = dedup_best.filter(pl.col("generated_id").is_in(copy_ids))["flagged"].mean()
     assert full_flag > 0.5 and dedup_flag < full_flag  # the acceptance level is the previous test's job
     assert metadata["regurgitation_rate_deduplicated"].value < metadata["regurgitation_rate"].value

@@ -44,7 +44,7 @@ def write_truth_filter(storage, corpus: Path) -> pl.DataFrame:
 def drift_base(tmp_path_factory) -> tuple[Path, Path]:
     """A data root with a drifted corpus (3 normal shards + 1 drifted, see DRIFT_CORPUS) ingested and
     embedded; built once per session on disk and copied by each user."""
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
     from tests.conftest import open_ingested
 
     base = tmp_path_factory.getbasetemp() / "bias_drift_base"
@@ -59,7 +59,7 @@ def drift_base(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def drift_copy(tmp_path_factory, dest: Path, config: dict | None = None, sections: dict | None = None):
-    from curation_assets.demo import demo_config
+    from curation_assets.demo.run import demo_config
     from curation_assets.pipeline import open_pipeline
 
     corpus, root = drift_base(tmp_path_factory)
@@ -106,19 +106,21 @@ def test_filtering_shifts_ratio_and_reweighting_restores_it(reweighted):
     assert fixed["change_vs_raw"] == pytest.approx(fixed["value"] / raw["value"] - 1)
     for row in (raw, filtered, fixed):
         assert row["low"] < row["value"] < row["high"]
-    lines = bias.demo_summary(reweighted.storage, reweighted.corpus)
+    from curation_assets.demo import bias as demo_bias
+
+    lines = demo_bias.summary(reweighted.storage, reweighted.corpus)
     assert any("filtering shifts the ratio" in line and "yes" in line for line in lines), lines
 
 
 @pytest.fixture(scope="module")
 def reweighted_real_filter(tmp_path_factory):
-    from curation_assets import safety
-    from tests.test_safety_e2e import SMALL_SAFETY  # recall target the ~100 positives per category can resolve
+    from curation_assets.demo import safety as demo_safety
+    from tests.test_safety_e2e import SMALL_SAFETY, SMALL_SEED  # recall target ~100 positives per category resolve
 
     corpus, pipeline = drift_copy(tmp_path_factory, tmp_path_factory.mktemp("bias_real_filter") / "root",
                                   sections={"safety": SMALL_SAFETY})
-    safety.demo_active_learning(lambda names: pipeline.materialize(names), pipeline.storage, pipeline.settings,
-                                corpus, rounds=1)
+    demo_safety.active_learning(lambda names: pipeline.materialize(names), pipeline.storage, pipeline.settings,
+                                corpus, rounds=1, annotator_config=SMALL_SEED)
     pipeline.materialize(["safety_scores", "filtered_samples", "sample_weights", "demographic_ratios",
                           "overall_demographic_ratios"])
     pipeline.corpus = corpus

@@ -14,7 +14,7 @@ from curation_assets.cli import main
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_replaced_shard_makes_its_labels_stale_not_wrong(demo_corpus, tmp_path):
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
     from curation_assets.safety import labels_in_force
 
     shards, root = tmp_path / "shards", tmp_path / "root"

@@ -94,7 +94,7 @@ def test_recall_table_and_check(deduped):
 
 
 def test_demo_summary(deduped):
-    from curation_assets.dedup import demo_summary
+    from curation_assets.demo.dedup import summary as demo_summary
 
     lines = demo_summary(deduped.storage, deduped.corpus)
     text = "\n".join(lines)

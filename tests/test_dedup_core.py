@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from curation_assets.core import dedup
-from curation_assets.core.dedup_synthetic import synthetic_embeddings
+from curation_assets.demo.synthetic_embeddings import synthetic_embeddings
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation_assets.core.demo_corpus import plan_ground_truth, write_demo_corpus
+from curation_assets.demo.corpus import plan_ground_truth, write_demo_corpus
 
 SMALL = dict(shards=2, per_shard=150, seed=7, size=128, drift_shard=True, generated=40)
 
@@ -319,7 +319,7 @@ def test_safety_motifs_are_linearly_separable(tmp_path):
 
 
 def test_novel_generated_images_use_no_training_vocabulary():
-    from curation_assets.core import demo_corpus as dc
+    from curation_assets.demo import corpus as dc
 
     _, gen = dc._plan(2, 100, 5, False, 60)
     novel = [g for g in gen if g["kind"] == "novel"]
@@ -364,7 +364,7 @@ def test_plan_keeps_clocks_and_banners_apart():
     """Outside duplicate groups no two clocks share face, colour and time to the minute (near misses
     included), two of one style show times >= ``CLOCK_MIN_GAP`` minutes apart, and every banner has its
     own tagline."""
-    from curation_assets.core import demo_corpus as dc
+    from curation_assets.demo import corpus as dc
 
     rows, _ = dc._plan(4, 1000, 0, True, 0)
     firsts = {}

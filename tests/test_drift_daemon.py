@@ -54,7 +54,7 @@ def _sensor_verdicts(instance) -> list[dict]:
 @pytest.mark.timeout(900)
 def test_dropped_shards_flow_to_a_drift_alert_with_no_clicks(tmp_path, tmp_path_factory):
     from curation_assets.core import delta
-    from curation_assets.demo import demo_config
+    from curation_assets.demo.run import demo_config
     from curation_assets.pipeline import INSTANCE_CONFIG
     from resources.alerts import AlertSink
     from resources.storage import DeltaStorage

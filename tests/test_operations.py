@@ -39,7 +39,7 @@ def _latest_metadata(root: Path, asset: str) -> dict:
 @pytest.mark.timeout(600)
 def test_first_run_without_labels_curates_and_labels_fill_in_the_safety_stage(demo_corpus, tmp_path):
     from curation_assets.cli import main
-    from curation_assets.demo import demo_config
+    from curation_assets.demo.run import demo_config
 
     root = tmp_path / "root"
     config = str(demo_config(demo_corpus, tmp_path))  # the small corpus's reachable recall target (0.9)

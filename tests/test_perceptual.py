@@ -154,7 +154,7 @@ def test_holdout_near_duplicates_clear_the_threshold(encoder):
 def test_demo_corpus_separation_at_the_fixed_threshold(tmp_path, encoder):
     """The acceptance check on a demo corpus the threshold was not chosen on (seed 2, 2 x 1000 images)."""
     polars = pytest.importorskip("polars")
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
 
     write_demo_corpus(tmp_path, shards=2, per_shard=1000, seed=2, size=256, generated=0)
     truth = polars.read_parquet(tmp_path / "ground_truth.parquet").filter(~polars.col("corrupt"))

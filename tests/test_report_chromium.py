@@ -94,7 +94,7 @@ def _in_first_screen(box) -> bool:
 def demo_root(tmp_path_factory):
     """`make demo` at test scale: the demo's own flow (simulated annotator, three active-learning rounds) on
     2 shards x 400 images (large enough for a filter that keeps most clean images)."""
-    from curation_assets.demo import run_demo
+    from curation_assets.demo.run import run_demo
 
     root = tmp_path_factory.mktemp("demo") / "root"
     run_demo(root, shards=2, per_shard=400, seed=1, size=128, rounds=3)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from curation_assets import safety
 from curation_assets.core.delta import embeddings_frame
+from curation_assets.demo.safety import AnnotatorSettings, SimulatedAnnotator, seed_labels
 from curation_assets.partitions import shard_partitions
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
@@ -84,11 +85,11 @@ class Env:
                               selection=assets, partition_key=partition_key, raise_on_error=raise_on_error)
 
     def seed(self, n_pos: int, n_neg: int):
-        annotator = safety.SimulatedAnnotator(self.truth)
+        annotator = SimulatedAnnotator(self.truth)
         ok = self.truth.filter(pl.col("status") == "ok")["uid"].to_list()
         cfg = self.cfg
-        demo = cfg.demo.__class__(seed_positives=n_pos, seed_negatives=n_neg, seed_pool=10_000)
-        rows = safety.seed_labels(annotator, ok, cfg.__class__(**{**cfg.__dict__, "demo": demo}))
+        rows = seed_labels(annotator, ok, cfg, AnnotatorSettings(seed_positives=n_pos, seed_negatives=n_neg,
+                                                                 seed_pool=10_000))
         report = safety.import_label_rows(self.storage, cfg, rows)
         assert report.ok, report.summary()
         return annotator

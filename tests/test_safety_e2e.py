@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from curation_assets import safety
+from curation_assets.demo import safety as demo_safety
+from curation_assets.demo.safety import AnnotatorSettings
 
 # The bias tests' corpus (4 x 500 images plus a drifted shard, shared on disk per session) holds ~90-110
 # positives per category: enough for a precision at 0.9 recall that moves in steps of about 1%, where the
@@ -22,8 +24,8 @@ SMALL_SAFETY = {
         {"name": "sexual", "definition": "sexual content (demo stand-in motif)", "target_recall": 0.9},
     ],
     "active_learning": {"batch_size": 40},
-    "demo": {"seed_positives": 8, "seed_negatives": 150, "seed_pool": 1500},
 }
+SMALL_SEED = AnnotatorSettings(seed_positives=8, seed_negatives=150, seed_pool=1500)
 
 
 @pytest.fixture
@@ -52,14 +54,14 @@ def pipeline(corpus, tmp_path_factory, tmp_path):
 
 def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sample(pipeline, corpus, tmp_path):
     storage = pipeline.storage
-    lines = safety.demo_active_learning(lambda names: pipeline.materialize(names), storage, pipeline.settings,
-                                        corpus, rounds=3)
+    lines = demo_safety.active_learning(lambda names: pipeline.materialize(names), storage, pipeline.settings,
+                                        corpus, rounds=3, annotator_config=SMALL_SEED)
     print("\n".join(lines))
     assert any("corpus P@t" in line for line in lines)
 
-    rounds = safety.rounds_table(storage)
+    rounds = demo_safety.rounds_table(storage)
     truth = pl.read_parquet(corpus / "ground_truth.parquet", columns=["uid", "category"])
-    measured = safety.corpus_metrics(storage, truth, rounds["classifier_version"].unique().to_list(),
+    measured = demo_safety.corpus_metrics(storage, truth, rounds["classifier_version"].unique().to_list(),
                                      {"violence": 0.9, "sexual": 0.9})
     table = rounds.join(measured, on=["classifier_version", "category"])
     for category in ("violence", "sexual"):
@@ -93,6 +95,6 @@ def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sa
     assert all(r == ["rejected"] for r in rejected["reasons"].to_list())
     assert (both.filter(pl.col("kept"))["reasons"].list.len() == 0).all()
 
-    summary = safety.demo_summary(storage, corpus)
+    summary = demo_safety.summary(storage, corpus)
     assert any(line.strip().startswith("violence") for line in summary)
     assert any("clean images removed" in line for line in summary)

@@ -421,14 +421,14 @@ def copy_pairs(n: int = 400, seed: int = CALIBRATION_SEED, size: int = 256) -> t
     """Calibration pairs for the audit, built from synthetic scenes that are not audited data
     (:func:`curation_assets.core.perceptual.reference_images` with their own seed). Each scene yields
     two copies: one made with the perceptual encoder's near-duplicate transforms (crop >= 80%, resize,
-    brightness, contrast, stamp, JPEG 30-95) and one with the demo generator's harsher copy
-    perturbation (:func:`curation_assets.core.demo_corpus.copy_transforms`: JPEG 40-80 plus two of crop
+    brightness, contrast, stamp, JPEG 30-95) and one with the harsher copy perturbation
+    (:func:`curation_assets.core.copies.copy_transforms`: JPEG 40-80 plus two of crop
     to 70-90% of the area, resize 0.5-0.9, colour shift). Returns (originals, copies, kinds) with
     ``originals[i]`` the JPEG the ``i``-th copy was made from, kind "encoder" or "generator"."""
     import io
     import random
 
-    from curation_assets.core.demo_corpus import perturbed_copy
+    from curation_assets.core.copies import perturbed_copy
     from curation_assets.core.perceptual import near_duplicate, reference_images
 
     rng = np.random.default_rng(seed)
@@ -526,3 +526,11 @@ def rate_summary(table: pl.DataFrame, n_generated: int, reference: str, confiden
         "ci_low": low,
         "ci_high": high,
     }
+
+
+def flagged_per_image(table: pl.DataFrame, reference: str) -> pl.DataFrame:
+    """One row per generated image: flagged (any neighbour flagged), the best flagged training uid (or the
+    nearest one when none is flagged) and its similarity."""
+    rows = table.filter(pl.col("reference") == reference).sort("generated_id", pl.col("flagged").not_(), "rank")
+    return rows.unique("generated_id", keep="first").select(
+        "generated_id", "train_uid", "similarity", "verification", flagged=pl.col("flagged"))

@@ -78,16 +78,6 @@ class ActiveLearningConfig:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    annotator_miss_rate: float = 0.02
-    annotator_false_alarm_rate: float = 0.0
-    seed_positives: int = 20
-    seed_negatives: int = 300
-    seed_pool: int = 4000
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class SafetyConfig:
     categories: tuple[Category, ...]
     classifier: ClassifierConfig = ClassifierConfig()
@@ -95,7 +85,6 @@ class SafetyConfig:
     random_sources: tuple[str, ...] = ("seed", "random")
     trust_negative_labels: bool = False
     active_learning: ActiveLearningConfig = ActiveLearningConfig()
-    demo: DemoConfig = DemoConfig()
 
     @property
     def names(self) -> list[str]:
@@ -144,7 +133,7 @@ def parse_config(section: Mapping[str, Any]) -> SafetyConfig:
     category names or definitions, duplicate categories, recall targets outside (0, 1), a mix without
     positive shares, and so on.
     """
-    allowed_top = {"categories", "classifier", "thresholds", "labels", "active_learning", "demo"}
+    allowed_top = {"categories", "classifier", "thresholds", "labels", "active_learning"}
     unknown = sorted(set(section) - allowed_top)
     if unknown:
         raise SafetyConfigError(f"safety: unknown keys {unknown}; allowed: {sorted(allowed_top)}")
@@ -222,18 +211,7 @@ def parse_config(section: Mapping[str, Any]) -> SafetyConfig:
         seed=_number("active_learning.seed", al.get("seed", 0), int),
     )
 
-    dm = _section(section, "demo", {"annotator_miss_rate", "annotator_false_alarm_rate", "seed_positives",
-                                    "seed_negatives", "seed_pool", "seed"})
-    demo = DemoConfig(
-        annotator_miss_rate=_number("demo.annotator_miss_rate", dm.get("annotator_miss_rate", 0.02), float, 0.0, 0.5),
-        annotator_false_alarm_rate=_number("demo.annotator_false_alarm_rate", dm.get("annotator_false_alarm_rate", 0.0),
-                                           float, 0.0, 0.5),
-        seed_positives=_number("demo.seed_positives", dm.get("seed_positives", 20), int, 2),
-        seed_negatives=_number("demo.seed_negatives", dm.get("seed_negatives", 300), int, 2),
-        seed_pool=_number("demo.seed_pool", dm.get("seed_pool", 4000), int, 1),
-        seed=_number("demo.seed", dm.get("seed", 0), int),
-    )
-    return SafetyConfig(tuple(categories), classifier, confidence, tuple(random_sources), trust, active, demo)
+    return SafetyConfig(tuple(categories), classifier, confidence, tuple(random_sources), trust, active)
 
 
 # ----------------------------------------------------------------------------------------- classifier

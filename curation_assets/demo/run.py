@@ -1,4 +1,4 @@
-"""``make demo``: the whole pipeline on the embedded synthetic corpus, then a summary measured against its
+"""``make demo`` (``python -m curation_assets.demo``): the whole pipeline on the embedded synthetic corpus, then a summary measured against its
 ground truth (which only this summary, the tests and the benchmarks read; the pipeline never does)."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from curation_assets import audits, bias, dedup, embeddings, ingest, safety
+from curation_assets.demo import audits, bias, dedup, safety
 from curation_assets.pipeline import open_pipeline
 
-STAGE_MODULES = {"ingest": ingest, "embeddings": embeddings, "safety": safety, "dedup": dedup, "bias": bias,
-                 "audits": audits}
+STAGE_MODULES = {"safety": safety, "dedup": dedup, "bias": bias, "audits": audits}
+"""The demo's module per stage: ``config(corpus)`` gives the stage's settings for the corpus (written into
+the demo's config file), ``summary(storage, corpus)`` its lines measured against the ground truth."""
 
 
 def ensure_corpus(corpus: Path, shards: int, per_shard: int, seed: int, size: int) -> None:
@@ -24,11 +25,13 @@ def ensure_corpus(corpus: Path, shards: int, per_shard: int, seed: int, size: in
     import hashlib
     import inspect
 
-    from curation_assets.core import demo_corpus
-    from curation_assets.core.demo_corpus import write_demo_corpus
+    from curation_assets.core import copies
+    from curation_assets.demo import corpus as demo_corpus
+    from curation_assets.demo.corpus import write_demo_corpus
 
     params = {"shards": shards, "per_shard": per_shard, "seed": seed, "size": size}
-    generator = hashlib.sha256(inspect.getsource(demo_corpus).encode()).hexdigest()[:16]
+    source = inspect.getsource(demo_corpus) + inspect.getsource(copies)
+    generator = hashlib.sha256(source.encode()).hexdigest()[:16]
     stamp = corpus / "demo_params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == {**params, "generator": generator} \
             and (corpus / "ground_truth.parquet").is_file():
@@ -46,8 +49,8 @@ def demo_config(corpus: Path, root: Path) -> Path:
     """The per-stage overrides each stage asks for in the demo, as one YAML config file."""
     config = {}
     for stage, module in STAGE_MODULES.items():
-        hook = getattr(module, "demo_config", None)
-        if hook:
+        hook = getattr(module, "config", None)
+        if hook and hook(corpus):
             config[stage] = hook(corpus)
     path = root / "demo_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -76,12 +79,10 @@ def run_demo(root: Path, shards: int, per_shard: int, seed: int, size: int, roun
     pipeline.materialize(["samples", "image_embeddings"], progress=True)
     lines: list[str] = []
     done = {"samples", "image_embeddings"}
-    active_learning = getattr(safety, "demo_active_learning", None)
-    if active_learning:
-        done |= {"safety_classifiers", "labeling_queue", "safety_thresholds"}
-        print(f"active learning: {rounds} rounds with the simulated annotator")
-        lines += active_learning(lambda names: pipeline.materialize(names, progress=True), pipeline.storage,
-                                 pipeline.settings, corpus, rounds=rounds)
+    done |= {"safety_classifiers", "labeling_queue", "safety_thresholds"}
+    print(f"active learning: {rounds} rounds with the simulated annotator")
+    lines += safety.active_learning(lambda names: pipeline.materialize(names, progress=True), pipeline.storage,
+                                    pipeline.settings, corpus, rounds=rounds)
     graph = pipeline.defs.resolve_asset_graph()
     rest = [k.to_user_string() for k in graph.materializable_asset_keys if k.to_user_string() not in done]
     pipeline.materialize(rest, progress=True)
@@ -92,11 +93,9 @@ def run_demo(root: Path, shards: int, per_shard: int, seed: int, size: int, roun
     for line in lines:
         print(line)
     for stage, module in STAGE_MODULES.items():
-        hook = getattr(module, "demo_summary", None)
-        if hook:
-            print(f"\n--- {stage} ---")
-            for line in hook(pipeline.storage, corpus):
-                print(line)
+        print(f"\n--- {stage} ---")
+        for line in module.summary(pipeline.storage, corpus):
+            print(line)
     print(f"\nreports: {pipeline.storage.root_path / 'reports'}")
     print(f"UI: make ui  (DAGSTER_HOME={pipeline.dagster_home})")
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
@@ -112,7 +111,3 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     run_demo(args.root, args.shards, args.per_shard, args.seed, args.size, args.rounds)
-
-
-if __name__ == "__main__":
-    main()

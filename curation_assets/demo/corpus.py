@@ -134,7 +134,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+from PIL import Image, ImageDraw, ImageFont
+
+from curation_assets.core.copies import apply_transforms, copy_transforms
 
 FAMILIES = ("clock", "shapes", "banner", "scene", "people")
 FAMILY_WEIGHTS = {"clock": 0.20, "shapes": 0.25, "banner": 0.20, "scene": 0.20, "people": 0.15}
@@ -782,35 +784,9 @@ def _overlay(img: Image.Image, kind: str, corner: int, r: random.Random) -> Imag
     return Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
 
 
-_TRANSFORM_ORDER = ("crop", "resize", "brightness", "contrast", "colour", "overlay", "jpeg")
-
-
-def _apply_transforms(
-    img: Image.Image, transforms: list[tuple[str, Any]], quality: int, seed: int
-) -> tuple[Image.Image, int]:
-    r = random.Random(seed)
-    for name, p in sorted(transforms, key=lambda t: _TRANSFORM_ORDER.index(t[0])):
-        w, h = img.size
-        if name == "crop":
-            area, aspect, fx, fy = p
-            cw = min(w, int(round(w * math.sqrt(area) * aspect)))
-            ch = min(h, int(round(h * math.sqrt(area) / aspect)))
-            x0, y0 = int((w - cw) * fx), int((h - ch) * fy)
-            img = img.crop((x0, y0, x0 + cw, y0 + ch))
-        elif name == "resize":
-            img = img.resize((max(8, int(round(w * p))), max(8, int(round(h * p)))), Image.BILINEAR)
-        elif name == "brightness":
-            img = ImageEnhance.Brightness(img).enhance(p)
-        elif name == "contrast":
-            img = ImageEnhance.Contrast(img).enhance(p)
-        elif name == "colour":
-            arr = np.asarray(img, np.int16) + np.array(p, np.int16)
-            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-        elif name == "overlay":
-            img = _overlay(img, p[0], p[1], r)
-        elif name == "jpeg":
-            quality = int(p)
-    return img, quality
+def _apply_transforms(img: Image.Image, transforms: list[tuple[str, Any]], quality: int, seed: int
+                      ) -> tuple[Image.Image, int]:
+    return apply_transforms(img, transforms, quality, seed, extra={"overlay": lambda im, p, r: _overlay(im, p[0], p[1], r)})
 
 
 def _describe(transforms: list[tuple[str, Any]]) -> str:
@@ -1287,32 +1263,6 @@ def _plan_shards(shard_ids: list[int], per_shard: int, rng: np.random.Generator,
         twin.update(attrs=attrs, seed=src["seed"], near_miss_of=src["uid"])
         twin["caption"] = _caption("clock", twin["gender"], attrs, twin["variant"])
     return rows
-
-
-def copy_transforms(r: random.Random) -> list[tuple[str, Any]]:
-    """The perturbation of a planted copy in the generated set: JPEG quality 40-80 plus two of a crop to
-    70-90% of the area, a resize by 0.5-0.9 and a colour shift of up to +-30 per channel (harsher than
-    the near-duplicate transforms inside the training set)."""
-    transforms: list[tuple[str, Any]] = [("jpeg", r.randint(40, 80))]
-    for name in r.sample(["crop", "resize", "colour"], 2):
-        if name == "crop":
-            transforms.append(("crop", (round(r.uniform(0.7, 0.9), 3), round(r.uniform(0.9, 1.1), 3),
-                                        round(r.random(), 3), round(r.random(), 3))))
-        elif name == "resize":
-            transforms.append(("resize", round(r.uniform(0.5, 0.9), 3)))
-        else:
-            transforms.append(("colour", tuple(r.randint(-30, 30) for _ in range(3))))
-    return transforms
-
-
-def perturbed_copy(image: Image.Image, r: random.Random) -> bytes:
-    """JPEG bytes of ``image`` perturbed like a planted copy (:func:`copy_transforms`); used to calibrate
-    the regurgitation audit on images that are not the demo corpus."""
-    transforms = copy_transforms(r)
-    img, quality = _apply_transforms(image.convert("RGB"), transforms, 90, r.randrange(2**31 - 8))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _plan(shards: int, per_shard: int, seed: int, drift_shard: bool, generated: int) -> tuple[list[dict], list[dict]]:

@@ -1,0 +1,3 @@
+from curation_assets.demo.run import main
+
+main()
