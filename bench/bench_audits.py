@@ -32,7 +32,7 @@ def packaged_regurgitation_config() -> dict:
 
 
 def demo_regurgitation(shards: int, per_shard: int, size: int, seed: int, k: int = 20, threshold: float | None = None) -> dict:
-    from curation_assets.core import regurgitation as rg
+    from curation_assets.core import pixel_verify as pv, regurgitation as rg
     from curation_assets.demo.corpus import write_demo_corpus
     from curation_assets.core.perceptual import PerceptualEncoder
     from curation_assets.core.shards import read_images, read_shard
@@ -63,7 +63,7 @@ def demo_regurgitation(shards: int, per_shard: int, size: int, seed: int, k: int
         threshold = packaged["thresholds"][encoder.name] if threshold is None else threshold
         table = rg.neighbour_table([g.id for g in generated], result, uids, threshold, "full")
         started = time.perf_counter()
-        verified = rg.verify_candidates(table, {g.id: g.data for g in generated}, train_bytes, rg.VerifyConfig())
+        verified = rg.verify_candidates(table, {g.id: g.data for g in generated}, train_bytes, pv.ContainmentSettings())
         verify_s = time.perf_counter() - started
 
         def rates(t: pl.DataFrame, column: str) -> dict:
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--index-n", type=int, default=50_000)
     parser.add_argument("--index-d", type=int, default=384)
     args = parser.parse_args()
-    from curation_assets.core import regurgitation as rg
+    from curation_assets.core import pixel_verify as pv, regurgitation as rg
 
     results = {"demo": demo_regurgitation(args.shards, args.per_shard, args.size, args.seed, args.k, args.threshold)}
     print(json.dumps(results["demo"], indent=2))
@@ -138,13 +138,13 @@ def main() -> None:
     results["index"] = index_recall(args.index_n, args.index_d, 1000, args.seed)
     for row in results["index"]:
         print(f"{row['index']:>5}: {row['seconds']:6.2f}s recall@10 {row['recall_at_10']:.4f} flag recall {row['flag_recall']}")
-    results["verification_calibration"] = rg.calibrate_verification(300)
+    results["verification_calibration"] = pv.calibrate(300)
     print("verification calibration:", results["verification_calibration"])
     from curation_assets.core.perceptual import PerceptualEncoder
 
     results["candidate_calibration"] = rg.calibrate_candidate_threshold(
         PerceptualEncoder(), n=400, quantile=0.01, shifts=packaged_regurgitation_config()["colour_shifts"],
-        verify=rg.VerifyConfig())
+        verify=pv.ContainmentSettings())
     print("candidate threshold calibration:", results["candidate_calibration"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))

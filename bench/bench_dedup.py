@@ -15,7 +15,7 @@ grouped into themes, plus planted duplicate groups with copies at cosine 0.92..0
 3. **N = 1,000,000**: the same subprocess measurement (targets: < 10 min, peak RSS < 3x the matrix).
 
 Scope: this measures stage 1 of the dedup stage (the embedding candidate search) only. Stage 2 (pixel
-verification of each candidate pair, ``core.dedup_verify``) needs images, which synthetic embeddings do not
+verification of each candidate pair, ``core.pixel_verify``) needs images, which synthetic embeddings do not
 have; its cost is linear in the number of candidate pairs (about 95 pairs per second on 2 cores, plus one
 read of each candidate image) and is measured on the demo images in ``bench/bench_dedup_baselines.py``.
 

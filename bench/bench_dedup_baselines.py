@@ -6,7 +6,7 @@ ground_truth.parquet; corrupt images, which never reach any method, are left out
 
 - **ours**: the full two-stage pipeline: the perceptual encoder (``perceptual-v1``) + the dedup core (five
   k-means clusterings, within-cluster search at the encoder's fixed ``DUPLICATE_THRESHOLD``), then every
-  candidate pair verified on pixels (``core.dedup_verify`` at its defaults, calibrated on synthetic pairs, not
+  candidate pair verified on pixels (``core.pixel_verify`` at its defaults, calibrated on synthetic pairs, not
   on this data), connected components of the verified pairs. Not tuned on this data.
 - **ours_stage1**: stage 1 alone (candidates, no verification), at the same fixed threshold.
 - **ours_swept**: stage 1 alone with the cosine threshold swept like the baselines' Hamming thresholds.
@@ -122,7 +122,7 @@ def run_ours(blobs: list[bytes], truth: set, n: int, sweep: list[float]) -> tupl
     search = time.perf_counter() - started
     stage1 = {"threshold": DUPLICATE_THRESHOLD, "k": result.k, "seconds_encode": encode, "seconds_search": search,
               "seconds": encode + search, **evaluate(n, result.pair_a, result.pair_b, truth)}
-    from curation_assets.core.dedup_verify import VerifySettings, verify_pairs
+    from curation_assets.core.pixel_verify import VerifySettings, verify_pairs
 
     cfg = VerifySettings()
     started = time.perf_counter()

@@ -149,10 +149,10 @@ class AuditsConfig:
         return IndexConfig(**self.regurgitation.index)
 
     def verify_config(self):
-        from curation_assets.core.regurgitation import VerifyConfig
+        from curation_assets.core.regurgitation import ContainmentSettings
 
-        _check_keys("regurgitation.verify", self.regurgitation.verify, {f.name for f in fields(VerifyConfig)})
-        return VerifyConfig(**self.regurgitation.verify)
+        _check_keys("regurgitation.verify", self.regurgitation.verify, {f.name for f in fields(ContainmentSettings)})
+        return ContainmentSettings(**self.regurgitation.verify)
 
     def checkpoints(self):
         from curation_assets.core.clip_bias import Checkpoint

@@ -34,8 +34,8 @@ import polars as pl
 
 from curation_assets.core.plots import figure_png, markdown_image
 from curation_assets.core import dedup as core
-from curation_assets.core import dedup_verify as verify_core
-from curation_assets.core.dedup_verify import VerifySettings
+from curation_assets.core import pixel_verify as verify_core
+from curation_assets.core.pixel_verify import VerifySettings
 from curation_assets.core.shards import read_images
 from curation_assets.partitions import N_CLUSTERINGS, clustering_partitions, partition_keys, shard_backfill_policy, shard_partitions
 from resources.settings import CurationSettings
@@ -347,7 +347,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     of the five clusterings; each pair once (uid_a < uid_b) with its similarity and the clusterings that found
     it. Within a cluster the search is exact and blocked (row_block x col_block similarities at a time).
     Stage 2 (``verify``, on by default for perceptual encoders): both images of every candidate are read back
-    from the tars and compared on pixels (:mod:`curation_assets.core.dedup_verify`); ``verification`` and
+    from the tars and compared on pixels (:mod:`curation_assets.core.pixel_verify`); ``verification`` and
     ``colour_residual`` hold the scores and ``verified`` the verdict. Only verified pairs form groups; with
     verification off every candidate counts as verified (scores null)."""
     cfg = dedup_settings(settings)

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation_assets.core import census, clip_bias as cb, regurgitation as rg, stats
+from curation_assets.core import census, clip_bias as cb, pixel_verify as pv, regurgitation as rg, stats
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -285,10 +285,10 @@ def test_verification_confirms_a_cropped_rescaled_copy_and_rejects_another_scene
     source, other = reference_images(2, seed=11)
     w, h = source.size
     copy = source.crop((int(0.1 * w), int(0.05 * h), int(0.95 * w), int(0.92 * h))).resize((150, 150))
-    cfg = rg.VerifyConfig()
-    assert rg.verification_score(_jpeg(copy, 50), _jpeg(source), cfg) >= 0.85
-    assert rg.verification_score(_jpeg(other), _jpeg(source), cfg) < cfg.threshold
-    assert rg.verification_score(b"broken", _jpeg(source), cfg) == -1.0
+    cfg = pv.ContainmentSettings()
+    assert pv.containment_score(_jpeg(copy, 50), _jpeg(source), cfg) >= 0.85
+    assert pv.containment_score(_jpeg(other), _jpeg(source), cfg) < cfg.threshold
+    assert pv.containment_score(b"broken", _jpeg(source), cfg) == -1.0
 
 
 def test_verify_candidates_only_checks_candidates_and_requires_both():
@@ -298,7 +298,7 @@ def test_verify_candidates_only_checks_candidates_and_requires_both():
     table = pl.DataFrame({"generated_id": ["g1", "g1", "g2"], "reference": ["full"] * 3, "rank": [1, 2, 1],
                           "train_uid": ["a", "b", "b"], "similarity": [0.9, 0.8, 0.3],
                           "candidate": [True, True, False], "flagged": [True, True, False]})
-    out = rg.verify_candidates(table, {"g1": _jpeg(a, 60), "g2": _jpeg(b)}, {"a": _jpeg(a), "b": _jpeg(b)}, rg.VerifyConfig())
+    out = rg.verify_candidates(table, {"g1": _jpeg(a, 60), "g2": _jpeg(b)}, {"a": _jpeg(a), "b": _jpeg(b)}, pv.ContainmentSettings())
     assert out["flagged"].to_list() == [True, False, False]  # g2 -> b is identical but below the cosine threshold
     assert out["verification"][2] is None and out["verification"][0] > 0.9
     assert rg.rate_summary(out, 2, "full")["n_above_threshold"] == 1

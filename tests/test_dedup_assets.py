@@ -108,7 +108,7 @@ def test_pairs_verified_on_pixels_and_groups_use_verified_only(deduped):
     # perceptual encoder: verification is on by default, every candidate got scores
     assert pairs["verification"].null_count() == 0 and pairs["colour_residual"].null_count() == 0
     assert (pairs["verification"] > -1).all()  # every candidate image was read back from its tar
-    from curation_assets.core.dedup_verify import VerifySettings
+    from curation_assets.core.pixel_verify import VerifySettings
 
     cfg = VerifySettings()
     expected = (pairs["verification"] >= cfg.structure_threshold) & (pairs["colour_residual"] <= cfg.colour_threshold)

@@ -55,7 +55,7 @@ class DedupSettings:
     recall_sample_size: int = 5000
     recall_seed: int = 1234
     recall_target: float = 0.95
-    verify: Any = None  # core.dedup_verify.VerifySettings; None = its defaults
+    verify: Any = None  # core.pixel_verify.VerifySettings; None = its defaults
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> "DedupSettings":
@@ -117,7 +117,7 @@ class DedupSettings:
 
     @property
     def verification(self):
-        """The stage-2 pixel verification settings (:class:`curation_assets.core.dedup_verify.VerifySettings`)."""
+        """The stage-2 pixel verification settings (:class:`curation_assets.core.pixel_verify.VerifySettings`)."""
         return self.verify if self.verify is not None else _verify_settings(None)
 
     def resolve_threshold(self, encoder_name: str | None) -> float:
@@ -137,7 +137,7 @@ class DedupSettings:
 
 
 def _verify_settings(section: Any):
-    from curation_assets.core.dedup_verify import VerifySettings
+    from curation_assets.core.pixel_verify import VerifySettings
 
     if section is not None and not isinstance(section, dict):
         raise ValueError("dedup config: 'verify' must be a mapping")

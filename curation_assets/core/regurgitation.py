@@ -3,7 +3,7 @@
 Every generated image is embedded with the encoder that embedded the training set (together with
 colour-shifted variants of it, :func:`encode_queries`) and searched against the whole training set.
 Retrieval, then verification, as in copy detection: a training image among the ``k`` nearest at or above
-the *candidate* cosine is a candidate, and pixel verification (:func:`verification_score`, the generated
+the *candidate* cosine is a candidate, and pixel verification (:func:`~curation_assets.core.pixel_verify.containment_score`, the generated
 image found again inside the training image) confirms it; a generated image with a confirmed candidate is
 *flagged* as a likely copy. The regurgitation rate is the flagged share of generated images, reported with
 a Wilson interval.
@@ -30,6 +30,8 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
+
+from curation_assets.core.pixel_verify import ContainmentSettings, containment_score
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
@@ -293,76 +295,8 @@ def measure_recall(xb: np.ndarray, xq: np.ndarray, approx_idx: np.ndarray, appro
 # --------------------------------------------------------------------------- verification
 
 
-@dataclass
-class VerifyConfig:
-    """Pixel-level verification of embedding matches (retrieval + verification, as in copy detection).
-
-    A weight-free encoder pools features over coarse cells, so two different pictures drawn from one
-    template (the same banner layout with other words, the same beach with another person) can be as
-    close as a real copy. A copy, though, is a crop, rescale, re-encode or colour shift of its source, so
-    the generated image, rescaled, reappears somewhere inside the training image: the verifier searches
-    ``scales`` (generated width as a fraction of the training width, down to ``min_scale``) for the best
-    normalised cross-correlation of gradient magnitudes at ``width`` px. ``threshold`` applies to that
-    score; its default 0.78 comes from the perceptual encoder's own near-duplicate transforms, not from the
-    data audited: :func:`calibrate_verification` (300 pairs) puts 95% of such copies (crop, resize,
-    brightness, contrast, JPEG and logo / text stamps covering up to 18% of the side) at or above 0.78;
-    the 1% quantile (0.69) is set by the largest stamps and lets different drawings of one template through."""
-
-    enabled: bool = True
-    threshold: float = 0.78
-    width: int = 128
-    min_scale: float = 0.7
-    scales: int = 13
-    blur: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.min_scale <= 1.0 or self.scales < 1 or self.width < 32:
-            raise ValueError("verify: need 0 < min_scale <= 1, scales >= 1, width >= 32")
-
-
-def _gray(data: bytes):
-    import cv2
-
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    return None if arr is None else arr.astype(np.float32)
-
-
-def _gradient(x, blur: float = 0.0):
-    import cv2
-
-    if blur > 0:
-        x = cv2.GaussianBlur(x, (0, 0), blur)
-    return cv2.magnitude(cv2.Sobel(x, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(x, cv2.CV_32F, 0, 1, ksize=3))
-
-
-def verification_score(generated: bytes, training: bytes, config: VerifyConfig | None = None) -> float:
-    """Best gradient NCC of the (rescaled) generated image inside the training image; -1 if either does
-    not decode. Near 1 for a crop / rescale / re-encode / colour shift of the training image."""
-    import cv2
-
-    config = config or VerifyConfig()
-    g, t = _gray(generated), _gray(training)
-    if g is None or t is None or min(g.shape) < 4 or min(t.shape) < 4:
-        return -1.0
-    # never upsample the generated image much: its own width bounds the detail both can share
-    width = int(min(config.width, t.shape[1], max(32, g.shape[1])))
-    t = cv2.resize(t, (width, max(4, int(round(width * t.shape[0] / t.shape[1])))), interpolation=cv2.INTER_AREA)
-    tg = _gradient(t, config.blur)
-    best = -1.0
-    for scale in np.linspace(config.min_scale, 1.0, config.scales):
-        w = int(round(width * scale))
-        h = int(round(w * g.shape[0] / g.shape[1]))
-        if h > t.shape[0] or w > t.shape[1] or h < 8 or w < 8:
-            continue
-        gi = _gradient(cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA), config.blur)
-        if float(gi.std()) == 0.0:
-            continue
-        best = max(best, float(cv2.matchTemplate(tg, gi, cv2.TM_CCOEFF_NORMED).max()))
-    return best
-
-
 def verify_candidates(table: pl.DataFrame, generated: dict[str, bytes], training: dict[str, bytes],
-                      config: VerifyConfig, workers: int = 2) -> pl.DataFrame:
+                      config: ContainmentSettings, workers: int = 2) -> pl.DataFrame:
     """Add ``verification`` (score, null where not checked) and recompute ``flagged`` for the rows whose
     similarity reached the threshold (``candidate``): flagged = candidate and verified."""
     from concurrent.futures import ThreadPoolExecutor
@@ -374,7 +308,7 @@ def verify_candidates(table: pl.DataFrame, generated: dict[str, bytes], training
         _, gid, uid = pair
         if gid not in generated or uid not in training:
             return -1.0
-        return verification_score(generated[gid], training[uid], config)
+        return containment_score(generated[gid], training[uid], config)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # OpenCV releases the GIL
         scores = list(pool.map(score, pairs))
@@ -383,31 +317,6 @@ def verify_candidates(table: pl.DataFrame, generated: dict[str, bytes], training
         values[row] = value
     out = table.with_columns(verification=pl.Series(values, dtype=pl.Float32).fill_nan(None))
     return out.with_columns(flagged=pl.col("candidate") & (pl.col("verification") >= config.threshold).fill_null(False))
-
-
-def calibrate_verification(n: int = 300, quantile: float = 0.05, seed: int = 7, config: VerifyConfig | None = None) -> dict:
-    """Verification scores of near-duplicate pairs made by the perceptual encoder's own transforms on its
-    synthetic reference scenes (crop, resize, brightness, contrast, overlay, JPEG): the ``quantile`` of the
-    positive scores is a threshold that keeps ``1 - quantile`` of such copies. Also reports the scores of
-    distinct reference scenes."""
-    import io
-
-    from curation_assets.core.perceptual import near_duplicate, reference_images
-
-    config = config or VerifyConfig()
-    rng = np.random.default_rng(seed)
-    images = reference_images(n + 1, seed=seed)
-
-    def jpeg(im) -> bytes:
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
-
-    pos = [verification_score(jpeg(near_duplicate(im, rng)), jpeg(im), config) for im in images[:n]]
-    neg = [verification_score(jpeg(images[i + 1]), jpeg(images[i]), config) for i in range(n)]
-    return {"n": n, "quantile": quantile, "threshold": float(np.quantile(pos, quantile)),
-            "positive": {"min": float(np.min(pos)), "median": float(np.median(pos))},
-            "negative": {"median": float(np.median(neg)), "max": float(np.max(neg))}}
 
 
 # --------------------------------------------------------------------------- candidate threshold
@@ -448,7 +357,7 @@ def copy_pairs(n: int = 400, seed: int = CALIBRATION_SEED, size: int = 256) -> t
 
 
 def calibrate_candidate_threshold(encoder, n: int = 400, quantile: float = 0.01, seed: int = CALIBRATION_SEED,
-                                  k: int = 20, verify: VerifyConfig | None = None, shifts: Sequence[int] = (0,)) -> dict:
+                                  k: int = 20, verify: ContainmentSettings | None = None, shifts: Sequence[int] = (0,)) -> dict:
     """The audit's candidate cosine for ``encoder``: the ``quantile`` of the similarities between
     calibration copies and their originals (:func:`copy_pairs`), so that ``1 - quantile`` of such copies
     reach it. Nothing audited is used. Also reported: the copies' similarity quantiles per kind, how
@@ -479,7 +388,7 @@ def calibrate_candidate_threshold(encoder, n: int = 400, quantile: float = 0.01,
         "distinct_candidates_per_query": float((top >= threshold).sum(axis=1).mean()),
     }
     if verify is not None:
-        scores = np.array([verification_score(c, originals[i], verify) for i, c in enumerate(copies)])
+        scores = np.array([containment_score(c, originals[i], verify) for i, c in enumerate(copies)])
         out["verified"] = {kind: float((scores[kinds_arr == kind] >= verify.threshold).mean()) for kind in ("encoder", "generator")}
     return out
 

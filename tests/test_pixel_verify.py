@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from curation_assets.core.dedup import DedupSettings
-from curation_assets.core.dedup_verify import VerifySettings, calibrate, verify_pair, verify_pairs
+from curation_assets.core.pixel_verify import VerifySettings, calibrate, verify_pair, verify_pairs
 from curation_assets.core.perceptual import near_duplicate, reference_images
 
 CFG = VerifySettings()
