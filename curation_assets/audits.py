@@ -13,7 +13,6 @@ Every asset reads its upstream tables defensively: a stage that has not run show
 
 
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.core.plots import figure_png
+from curation_assets.core.plots import figure_png, pyplot
 from curation_assets.core import report as rpt
 from curation_assets.core.validation import check_fields
 from resources.encoders import EncoderResource
-from resources.settings import CurationSettings, default_section, load_user_config
+from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 
@@ -164,18 +163,11 @@ def audits_config(settings: CurationSettings) -> AuditsConfig:
     return AuditsConfig.from_section(settings.section("audits"))
 
 
-def configured_checkpoint_names() -> list[str]:
-    """Partition keys of ``clip_bias_audit``: the checkpoint names in the packaged defaults merged with the
-    ``CURATION_CONFIG`` file, read when the code location loads (reload it after editing the list). With no
-    checkpoints configured the single key ``none`` materialises a "not configured" result."""
-    section = default_section("audits").get("clip_bias", {}) or {}
-    try:
-        user = load_user_config(os.environ.get("CURATION_CONFIG")).get("audits", {}) or {}
-    except (OSError, ValueError):
-        user = {}  # a broken user file fails clearly at run time, in settings.section
-    entries = (user.get("clip_bias") or {}).get("checkpoints", section.get("checkpoints")) or []
-    names = [str(e.get("name")) for e in entries if isinstance(e, dict) and e.get("name")]
-    return list(dict.fromkeys(names)) or [UNCONFIGURED_KEY]
+def checkpoint_names(cfg: AuditsConfig) -> list[str]:
+    """Partition keys of ``clip_bias_audit``: the configured checkpoint names (the code location reads them
+    when it loads; reload it after editing the list). With no checkpoints configured the single key ``none``
+    materialises a "not configured" result."""
+    return list(dict.fromkeys(c.name for c in cfg.checkpoints())) or [UNCONFIGURED_KEY]
 
 
 
@@ -358,11 +350,7 @@ def _colour_grid(shifts) -> list:
 
 
 def _similarity_histogram(table: pl.DataFrame, threshold: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=90)
     for reference in table["reference"].unique(maintain_order=True).to_list():
@@ -390,7 +378,7 @@ def build_clip_bias_audit(checkpoint_names: list[str]) -> dg.AssetsDefinition:
 
     Static rather than dynamic partitions: the checkpoints are configuration (a short list a user edits),
     every checkpoint is visible in the UI from the start, and the graph runner materialises static
-    partitions like the clusterings. The module-level asset uses :func:`configured_checkpoint_names`."""
+    partitions like the clusterings. :func:`build_defs` passes :func:`checkpoint_names`."""
 
     @dg.asset(
         name="clip_bias_audit",
@@ -522,7 +510,6 @@ def _write_clip_bias_page(storage: DeltaStorage, cfg: AuditsConfig) -> Path:
     return path
 
 
-clip_bias_audit = build_clip_bias_audit(configured_checkpoint_names())
 
 
 # --------------------------------------------------------------------------- census
@@ -675,4 +662,7 @@ def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
     return sections
 
 
-defs = dg.Definitions(assets=[regurgitation_audit, clip_bias_audit, dataset_census])
+def build_defs(settings: CurationSettings) -> dg.Definitions:
+    """The audits, with one ``clip_bias_audit`` partition per configured checkpoint."""
+    return dg.Definitions(assets=[regurgitation_audit, build_clip_bias_audit(checkpoint_names(audits_config(settings))),
+                                  dataset_census])

@@ -31,9 +31,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.core.plots import figure_png, markdown_image
+from curation_assets.core.plots import figure_png, markdown_image, markdown_table, pyplot
 from curation_assets.core import demographics as demo
-from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from curation_assets.partitions import partition_keys, shard_asset
 from curation_assets.training_set import TRAINING_SET
 from resources.alerts import Alert, AlertSink
 from resources.encoders import EncoderResource
@@ -377,16 +377,9 @@ def overall_rows(table: pl.DataFrame, pairs_by_source: Mapping[str, Sequence[tup
     return rows
 
 
-def _png_markdown(fig) -> str:
-    return markdown_image(figure_png(fig))
-
-
 def ratio_plot(rows: pl.DataFrame, title: str) -> str:
     """Ratios per stage with their intervals, as a markdown image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ratios = rows.filter(pl.col("kind") == "ratio")
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -400,7 +393,7 @@ def ratio_plot(rows: pl.DataFrame, title: str) -> str:
     ax.set_ylabel("ratio")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _png_markdown(fig)
+    return markdown_image(figure_png(fig))
 
 
 def _metadata_values(rows: pl.DataFrame, prefix: str) -> dict[str, Any]:
@@ -414,13 +407,19 @@ def _metadata_values(rows: pl.DataFrame, prefix: str) -> dict[str, Any]:
 
 
 def _table_markdown(rows: pl.DataFrame, kinds: Sequence[str]) -> str:
+    def interval(r: dict) -> str:
+        return f"[{r['low']:.4f}, {r['high']:.4f}]" if r["low"] is not None and r["high"] is not None else ""
+
+    def change(r: dict) -> str:
+        c = r["change_vs_raw"]
+        return f"{100 * c:+.1f}%" if c is not None and math.isfinite(c) else ""
+
     part = rows.filter(pl.col("kind").is_in(list(kinds)))
-    lines = ["| source | stage | kind | group | value | 95% interval | change vs raw |", "|---|---|---|---|---|---|---|"]
-    for r in part.iter_rows(named=True):
-        ci = f"[{r['low']:.4f}, {r['high']:.4f}]" if r["low"] is not None and r["high"] is not None else ""
-        change = f"{100 * r['change_vs_raw']:+.1f}%" if r["change_vs_raw"] is not None and math.isfinite(r["change_vs_raw"]) else ""
-        lines.append(f"| {r['source']} | {r['stage']} | {r['kind']} | {r['group']} | {r['value']:.4f} | {ci} | {change} |")
-    return "\n".join(lines)
+    shown = [{"source": r["source"], "stage": r["stage"], "kind": r["kind"], "group": r["group"],
+              "value": f"{r['value']:.4f}", "95% interval": interval(r), "change vs raw": change(r)}
+             for r in part.iter_rows(named=True)]
+    return markdown_table(pl.DataFrame(shown, schema={k: pl.String for k in (
+        "source", "stage", "kind", "group", "value", "95% interval", "change vs raw")}))
 
 
 # --- assets ----------------------------------------------------------------------------------------------
@@ -446,9 +445,7 @@ def _ratio_pairs(cfg: BiasSettings, use_clip: bool) -> dict[str, list[tuple[str,
     return pairs
 
 
-@dg.asset(
-    partitions_def=shard_partitions,
-    backfill_policy=shard_backfill_policy,
+@shard_asset(
     deps=["samples", "filtered_samples", dg.AssetDep(WEIGHTS), dg.AssetDep("deduplicated_samples"),
           dg.AssetDep(TRAINING_SET)],
     group_name="bias",
@@ -582,17 +579,14 @@ def sample_weights(context: dg.AssetExecutionContext, storage: DeltaStorage,
            for name, v in zip(["min", "p01", "p25", "median", "p75", "p99", "max"], q)},
     }
     if len(w):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.hist(w, bins=50)
         ax.set_xlabel("weight (mean 1)")
         ax.set_ylabel("kept samples")
         ax.set_title(f"sample weights: ESS {result.effective_sample_size:.0f} of {len(w)}")
-        metadata["weight distribution"] = dg.MetadataValue.md(_png_markdown(fig))
+        metadata["weight distribution"] = dg.MetadataValue.md(markdown_image(figure_png(fig)))
     return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("sample_weights", "bias")})
 
 

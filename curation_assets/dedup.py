@@ -32,12 +32,12 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.core.plots import figure_png, markdown_image
+from curation_assets.core.plots import figure_png, markdown_image, markdown_table, pyplot
 from curation_assets.core import dedup as core
 from curation_assets.core import pixel_verify as verify_core
 from curation_assets.core.pixel_verify import VerifySettings
 from curation_assets.core.shards import read_images
-from curation_assets.partitions import N_CLUSTERINGS, clustering_partitions, partition_keys, shard_backfill_policy, shard_partitions
+from curation_assets.partitions import N_CLUSTERINGS, clustering_partitions, partition_keys, partitioned_asset, shard_asset
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
@@ -126,47 +126,19 @@ def _centroid_version(centroids: np.ndarray) -> str:
 
 def _write_centroid_rows(storage: DeltaStorage, df: pl.DataFrame) -> None:
     """Replace the rows of the given clusterings in the small ``kmeans_centroids`` table."""
-    from deltalake import write_deltalake
-    from deltalake.exceptions import CommitFailedError
-
-    path = storage.table_path(CENTROIDS)
-    keys = ", ".join(f"'{c}'" for c in df["clustering"].to_list())
-    for attempt in range(10):
-        try:
-            if storage.exists(CENTROIDS):
-                write_deltalake(str(path), df.to_arrow(), mode="overwrite", predicate=f"clustering IN ({keys})")
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_deltalake(str(path), df.to_arrow(), mode="error")
-            return
-        except (CommitFailedError, FileExistsError, Exception) as exc:  # concurrent steps race on the log
-            if attempt == 9 or not any(w in str(exc).lower() for w in ("conflict", "exists", "commit", "version")):
-                raise
-            time.sleep(0.1 * 2 ** attempt)
+    storage.replace_in(CENTROIDS, df, "clustering", df["clustering"].to_list())
 
 
 def _png(fig) -> bytes:
     return figure_png(fig, dpi=100)
 
 
-def _md_png(png: bytes, alt: str) -> str:
-    return markdown_image(png, alt)
-
-
-def _md_table(df: pl.DataFrame, digits: int = 4) -> str:
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for row in df.iter_rows():
-        lines.append("| " + " | ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- assets
 
 
-@dg.asset(
+@partitioned_asset(
+    clustering_partitions, dg.BackfillPolicy.single_run(),
     group_name=GROUP,
-    partitions_def=clustering_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
     deps=[dg.AssetDep("image_embeddings", partition_mapping=dg.AllPartitionMapping())],
     kinds={"faiss", "numpy"},
 )
@@ -239,10 +211,8 @@ def _current_centroids(storage: DeltaStorage) -> pl.DataFrame:
     return table
 
 
-@dg.asset(
+@shard_asset(
     group_name=GROUP,
-    partitions_def=shard_partitions,
-    backfill_policy=shard_backfill_policy,
     deps=["image_embeddings", dg.AssetDep(CENTROIDS, partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "deltalake"},
 )
@@ -416,7 +386,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         **storage.table_metadata("duplicate_pairs", "dedup-recall"),
         "embeddings": len(ids), "encoder": encoder, "threshold": dg.MetadataValue.float(threshold),
         "candidate_pairs": pairs.height, "pairs_found_by_one_clustering_only": only_one, **verify_meta,
-        "pairs_per_clustering": dg.MetadataValue.md(_md_table(per)),
+        "pairs_per_clustering": dg.MetadataValue.md(markdown_table(per)),
         "largest_cluster": stats.largest_cluster,
         "dot_products_vs_all_pairs": dg.MetadataValue.float(stats.dot_products / max(1, len(ids) * (len(ids) - 1) / 2)),
         "load_seconds": dg.MetadataValue.float(load_seconds),
@@ -455,17 +425,14 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
     sizes = out.group_by("group_id").agg(pl.len().alias("n"))["n"]
     hist = ""
     if out.height:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(5, 3))
         counts = sizes.value_counts().sort("n")
         ax.bar(counts["n"].to_list(), counts["count"].to_list())
         ax.set_xlabel("group size")
         ax.set_ylabel("groups")
-        hist = _md_png(_png(fig), "group sizes")
+        hist = markdown_image(_png(fig), "group sizes")
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("dedup_groups", "dedup-recall"),
         "candidate_pairs": candidates, "verified_pairs_used": pairs.height,
@@ -583,10 +550,7 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
         pl.lit(cfg.recall_target).alias("target"))
     storage.write_table("dedup_recall", table)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     cs = table["clusterings"].to_list()
@@ -604,9 +568,9 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
         "sample_size": len(queries), "true_pairs_in_sample": final.true_pairs,
         "recall_1": dg.MetadataValue.float(curve[0].recall),
         "recall_all": dg.MetadataValue.float(final.recall),
-        "recall_table": dg.MetadataValue.md(_md_table(table.select(
+        "recall_table": dg.MetadataValue.md(markdown_table(table.select(
             "clusterings", "true_pairs", "found", "recall", "recall_low", "recall_high", "recall_mean_over_subsets"))),
-        "recall_curve": dg.MetadataValue.md(_md_png(_png(fig), "recall vs clusterings")),
+        "recall_curve": dg.MetadataValue.md(markdown_image(_png(fig), "recall vs clusterings")),
         "exact_search_seconds": dg.MetadataValue.float(exact_seconds),
     })
 

@@ -8,6 +8,8 @@ tests all see the same data root:
 - ``CURATION_CONFIG``: optional YAML file with per-stage settings.
 - ``CURATION_ENCODER``: ``perceptual`` (default, weight-free) or ``open_clip``; with open_clip also
   ``CURATION_CLIP_MODEL`` and ``CURATION_CLIP_PRETRAINED`` (a pretrained tag or a local checkpoint path).
+- ``CURATION_ALERT_WEBHOOK``, ``CURATION_SLACK_CHANNEL``, ``CURATION_SLACK_TOKEN``: where drift alerts go
+  (``resources/alerts.py``), read through ``dg.EnvVar``.
 - ``CURATION_REFRESH_CRON``: how often global assets may refresh by themselves (``automation.py``).
 """
 
@@ -20,15 +22,16 @@ import dagster as dg
 
 from curation_assets import audits, bias, dedup, embeddings, ingest, report, safety, sensors, training_set
 from curation_assets.automation import with_automation
-from curation_assets.config import validate_settings
-from resources.alerts import AlertSink
+from curation_assets.config import validate_settings, with_settings_versions
+from resources.alerts import alert_sink_from_env
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
 
-STAGES = (ingest, embeddings, safety, dedup, bias, training_set, audits, report, sensors)
+STAGES = (ingest, embeddings, safety, dedup, bias, training_set, report, sensors)
+"""Stage modules with a module-level ``defs``; ``audits.build_defs`` depends on the settings."""
 
 
 def build_resources(
@@ -54,19 +57,20 @@ def build_resources(
         "shard_source": ShardSource(uri=shards_dir),
         "encoder": encoder,
         "vector_search": VectorSearch(),
-        "alerts": AlertSink(),
+        "alerts": alert_sink_from_env(),
     }
 
 
 def build_definitions(refresh_cron: str | None = None, **resource_overrides: Any) -> dg.Definitions:
     """All stages merged, with their automation (``automation.py``), bound to the resources of
-    ``build_resources(**resource_overrides)``; the settings are validated first (``config.py``)."""
+    ``build_resources(**resource_overrides)``; the settings are validated first and versioned per asset
+    (``config.py``)."""
     resources = build_resources(**resource_overrides)
-    validate_settings(resources["settings"])
-    return with_automation(dg.Definitions.merge(
-        *(stage.defs for stage in STAGES),
-        dg.Definitions(resources=resources),
-    ), refresh_cron)
+    settings = resources["settings"]
+    validate_settings(settings)
+    merged = dg.Definitions.merge(*(stage.defs for stage in STAGES), audits.build_defs(settings),
+                                  dg.Definitions(resources=resources))
+    return with_automation(with_settings_versions(merged, settings, resources["encoder"].identity()), refresh_cron)
 
 
 defs = build_definitions()

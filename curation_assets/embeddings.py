@@ -11,7 +11,7 @@ import polars as pl
 from curation_assets.core import delta
 from curation_assets.core.shards import iter_image_batches
 from curation_assets.core.validation import ConfigError, check_fields
-from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from curation_assets.partitions import partition_keys, shard_asset
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -33,9 +33,7 @@ class EmbeddingSettings:
         return settings
 
 
-@dg.asset(
-    partitions_def=shard_partitions,
-    backfill_policy=shard_backfill_policy,
+@shard_asset(
     deps=["samples"],
     group_name="ingest",
     kinds={"deltalake", "pytorch"},

@@ -5,15 +5,13 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.core.shards import IngestLimits, read_shard, unreadable_shard
-from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from curation_assets.partitions import partition_keys, shard_asset
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 
 
-@dg.asset(
-    partitions_def=shard_partitions,
-    backfill_policy=shard_backfill_policy,
+@shard_asset(
     group_name="ingest",
     kinds={"deltalake", "polars"},
 )
@@ -29,7 +27,7 @@ def samples(
     Re-materialising a shard replaces exactly that shard's rows. A file that is not a tar at all becomes one
     rejected ``_shard_unreadable`` row and the other shards of the step go on; a shard whose file is gone
     keeps its rows and is listed as missing (``curate shards remove KEY`` forgets it)."""
-    limits = IngestLimits.from_config(settings.section("ingest"))
+    limits = IngestLimits.from_section(settings.section("ingest"))
     totals = {"rows": 0, "ok": 0, "rejected": 0}
     errors: dict[str, int] = {}
     failed: dict[str, str] = {}

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 import dagster as dg
-
-# backfill_policy is marked beta; the stages rely on it deliberately, so its warning is noise in every run.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 SHARDS = "shards"
 N_CLUSTERINGS = 5
@@ -17,6 +15,22 @@ clustering_partitions = dg.StaticPartitionsDefinition([str(i) for i in range(1, 
 
 # A UI backfill over many shards runs them in batches, so a model loads once per batch, not per shard.
 shard_backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
+
+
+def partitioned_asset(partitions_def: dg.PartitionsDefinition, backfill_policy: dg.BackfillPolicy,
+                      **kwargs: Any) -> Callable:
+    """``dg.asset`` with a partition set and a backfill policy. ``backfill_policy`` is a beta parameter of
+    ``dg.asset``; its ``BetaWarning`` is silenced here, for this use only."""
+    def decorate(fn: Callable) -> dg.AssetsDefinition:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
+            return dg.asset(partitions_def=partitions_def, backfill_policy=backfill_policy, **kwargs)(fn)
+    return decorate
+
+
+def shard_asset(**kwargs: Any) -> Callable:
+    """An asset partitioned by shard, backfilled in batches (:data:`shard_backfill_policy`)."""
+    return partitioned_asset(shard_partitions, shard_backfill_policy, **kwargs)
 
 
 def partition_keys(context: dg.AssetExecutionContext) -> list[str]:

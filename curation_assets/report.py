@@ -14,7 +14,7 @@ import polars as pl
 import dagster as dg
 from markupsafe import Markup
 
-from curation_assets.core.plots import figure_png
+from curation_assets.core.plots import figure_png, pyplot
 from curation_assets.core import report as rpt
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -127,10 +127,7 @@ def funnel(storage) -> tuple[pl.DataFrame | None, list[str], list[str]]:
 
 
 def _funnel_png(df: pl.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     main = df.filter(~pl.col("step").str.starts_with("  ") & pl.col("samples").is_not_null())
     fig, ax = plt.subplots(figsize=(6.2, 2.6), dpi=90)
@@ -144,10 +141,7 @@ def _funnel_png(df: pl.DataFrame) -> bytes:
 
 
 def _curve_png(df: pl.DataFrame, x: str, ys: list[str], title: str, by: str | None = None) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
     parts = df.partition_by(by, as_dict=True).items() if by else [((None,), df)]
@@ -305,10 +299,7 @@ def safety_section(storage, awaiting: str | None = None, thumbs: Markup | None =
 
 def _ratio_chart_png(overall: pl.DataFrame) -> bytes | None:
     """Every caption ratio across the stages that exist, with 95% intervals and the change against raw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     from curation_assets.bias import STAGES

@@ -23,7 +23,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.core.plots import figure_png, markdown_image
+from curation_assets.core.plots import figure_png, markdown_image, markdown_table, pyplot
 from curation_assets.core import labels as labels_core
 from curation_assets.core.safety import (
     CrossValidation,
@@ -34,12 +34,11 @@ from curation_assets.core.safety import (
     load_bank,
     next_version,
     publish_latest,
-    parse_config,
     save_bank,
     train_probe,
 )
 from curation_assets.core.thresholds import precision_at_recall, recall_threshold
-from curation_assets.partitions import partition_keys, shard_backfill_policy, shard_partitions
+from curation_assets.partitions import partition_keys, shard_asset
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 
@@ -51,7 +50,7 @@ ALL_SHARDS = dg.AllPartitionMapping()
 
 def safety_config(settings: CurationSettings) -> SafetyConfig:
     """The validated ``safety`` section (raises SafetyConfigError naming the bad key)."""
-    return parse_config(settings.section("safety"))
+    return SafetyConfig.from_section(settings.section("safety"))
 
 
 # ------------------------------------------------------------------------------------------- labels
@@ -164,7 +163,7 @@ def awaiting_result(readiness: pl.DataFrame, what: str) -> dg.MaterializeResult:
         "status": dg.MetadataValue.text(AWAITING),
         "awaiting": dg.MetadataValue.text(f"{what} waits for labels: " + (awaiting_message(readiness)
                                                                           or "the classifiers have not been trained")),
-        "labels_needed": dg.MetadataValue.md(_md_table(readiness)),
+        "labels_needed": dg.MetadataValue.md(markdown_table(readiness)),
         "next_step": dg.MetadataValue.text(NEXT_STEP),
     })
 
@@ -181,23 +180,10 @@ def _png(fig) -> str:
 
 
 def _figure(ncols: int, width: float = 4.2, height: float = 3.2):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return fig, axes[0]
-
-
-def _md_table(df: pl.DataFrame, digits: int = 4) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.{digits}g}"
-        return str(v)
-
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    return head + "\n".join("| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows())
 
 
 def _embeddings_for(storage: DeltaStorage, uids: Sequence[str]) -> tuple[dict[str, int], np.ndarray, str | None]:
@@ -342,7 +328,7 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
     context.log.info(f"trained {len(probes)} classifiers ({directory.name}) on label round {round_no}")
     summary = pl.DataFrame(rounds).select("category", "n_positive", "n_negative", "cv_auc", "precision_at_target",
                                           "random_precision_at_target", "threshold")
-    history_md = _md_table(table.select("round", "category", "n_labels", "n_positive", "cv_auc",
+    history_md = markdown_table(table.select("round", "category", "n_labels", "n_positive", "cv_auc",
                                         "precision_at_target", "random_precision_at_target"))
     return dg.MaterializeResult(metadata={
         "version": directory.name,
@@ -356,7 +342,7 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
         **{f"{r['category']}_cv_auc": dg.MetadataValue.float(float(r["cv_auc"])) for r in rounds},
         **{f"{r['category']}_precision_at_target": dg.MetadataValue.float(float(r["precision_at_target"]))
            for r in rounds},
-        "metrics": dg.MetadataValue.md(_md_table(summary)),
+        "metrics": dg.MetadataValue.md(markdown_table(summary)),
         "rounds": dg.MetadataValue.md(history_md),
         "pr_curves": dg.MetadataValue.md(_pr_plot(plots)),
     })
@@ -439,9 +425,9 @@ def labeling_queue(context: dg.AssetExecutionContext, storage: DeltaStorage,
         "queued": this_round.height,
         "pool_size": pool,
         "classifier_version": directory.name,
-        "mix": dg.MetadataValue.md(_md_table(mix)),
+        "mix": dg.MetadataValue.md(markdown_table(mix)),
         "thresholds": dg.MetadataValue.json({k: round(v, 6) for k, v in thresholds.items()}),
-        "preview": dg.MetadataValue.md(_md_table(this_round.head(20).select("category", "uid", "procedure", "score"))),
+        "preview": dg.MetadataValue.md(markdown_table(this_round.head(20).select("category", "uid", "procedure", "score"))),
     })
 
 
@@ -501,7 +487,7 @@ def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: 
         "round": round_no, "queued": queue.height, "images": len(rows_idx), "pool_size": len(uids),
         "procedure": "diverse (no classifier yet)",
         "status": dg.MetadataValue.text(AWAITING),
-        "labels_needed": dg.MetadataValue.md(_md_table(readiness)),
+        "labels_needed": dg.MetadataValue.md(markdown_table(readiness)),
         "next_step": dg.MetadataValue.text(NEXT_STEP),
         "table": dg.MetadataValue.path(str(storage.table_path("labeling_queue"))),
     })
@@ -548,7 +534,7 @@ def safety_thresholds(context: dg.AssetExecutionContext, storage: DeltaStorage,
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("safety_thresholds", "safety-thresholds"),
         "classifier_version": directory.name,
-        "thresholds": dg.MetadataValue.md(_md_table(shown)),
+        "thresholds": dg.MetadataValue.md(markdown_table(shown)),
         **{f"{r['category']}_threshold": dg.MetadataValue.float(float(r["threshold"])) for r in rows},
         **{f"{r['category']}_precision": dg.MetadataValue.float(float(r["precision"])) for r in rows},
     })
@@ -566,7 +552,7 @@ def _awaiting_check(storage: DeltaStorage, settings: CurationSettings) -> dg.Ass
     return dg.AssetCheckResult(
         passed=False, severity=dg.AssetCheckSeverity.WARN,
         description="awaiting labels: " + (awaiting_message(readiness) or "train safety_classifiers"),
-        metadata={"status": AWAITING, "labels_needed": dg.MetadataValue.md(_md_table(readiness)),
+        metadata={"status": AWAITING, "labels_needed": dg.MetadataValue.md(markdown_table(readiness)),
                   "next_step": NEXT_STEP})
 
 
@@ -626,10 +612,8 @@ def _histograms(frames: dict[str, np.ndarray], thresholds: dict[str, float]) -> 
     return _png(fig)
 
 
-@dg.asset(
+@shard_asset(
     group_name=GROUP,
-    partitions_def=shard_partitions,
-    backfill_policy=shard_backfill_policy,
     deps=["image_embeddings", "safety_classifiers", "safety_thresholds"],
     kinds={"numpy", "delta"},
 )
@@ -734,10 +718,8 @@ def filter_shard(samples: pl.DataFrame, scores: pl.DataFrame, current: pl.DataFr
     return out.select(list(FILTERED_SCHEMA)).cast(FILTERED_SCHEMA)
 
 
-@dg.asset(
+@shard_asset(
     group_name=GROUP,
-    partitions_def=shard_partitions,
-    backfill_policy=shard_backfill_policy,
     deps=["samples", "safety_scores", LABELS],
     kinds={"delta"},
 )

@@ -56,13 +56,14 @@ class AlertSink(dg.ConfigurableResource):
 
     - always: the Dagster log of the caller and the ``alerts`` Delta table of the data root passed to
       :meth:`emit`;
-    - ``webhook_url`` (or env ``CURATION_ALERT_WEBHOOK``): an HTTP POST of the alert as JSON;
-    - ``slack_channel`` + ``slack_token`` (or env ``CURATION_SLACK_CHANNEL`` / ``CURATION_SLACK_TOKEN``): a
-      Slack message through ``dagster-slack`` (``pip install curation-assets[slack]``); configured without
+    - ``webhook_url``: an HTTP POST of the alert as JSON;
+    - ``slack_channel`` + ``slack_token``: a Slack message through ``dagster-slack`` (``pip install curation-assets[slack]``); configured without
       the package installed, emit logs an error and carries on.
 
     Delivery failures of the webhook or Slack are logged and recorded in the result, never raised: the
-    table row is the alert of record.
+    table row is the alert of record. :func:`alert_sink_from_env` binds the fields to the environment variables
+    of :data:`ALERT_ENV` through ``dg.EnvVar``, so secrets are resolved when a run starts and never appear in
+    the UI.
     """
 
     webhook_url: Optional[str] = None
@@ -71,11 +72,10 @@ class AlertSink(dg.ConfigurableResource):
     timeout_s: float = 10.0
 
     def _webhook(self) -> Optional[str]:
-        return self.webhook_url or os.environ.get("CURATION_ALERT_WEBHOOK") or None
+        return self.webhook_url or None
 
     def _slack(self) -> tuple[Optional[str], Optional[str]]:
-        return (self.slack_channel or os.environ.get("CURATION_SLACK_CHANNEL") or None,
-                self.slack_token or os.environ.get("CURATION_SLACK_TOKEN") or None)
+        return self.slack_channel or None, self.slack_token or None
 
     def known_ids(self, storage) -> set[str]:
         if not storage.exists(ALERTS_TABLE):
@@ -142,3 +142,12 @@ class AlertSink(dg.ConfigurableResource):
             except Exception as exc:
                 log.error(f"Slack alert to {channel} failed for {alert.alert_id}: {exc}")
         return f"{delivered}/{len(alerts)} delivered"
+
+
+ALERT_ENV = {"webhook_url": "CURATION_ALERT_WEBHOOK", "slack_channel": "CURATION_SLACK_CHANNEL",
+             "slack_token": "CURATION_SLACK_TOKEN"}
+
+
+def alert_sink_from_env() -> AlertSink:
+    """An :class:`AlertSink` whose destinations come from the :data:`ALERT_ENV` variables that are set."""
+    return AlertSink(**{name: dg.EnvVar(var) for name, var in ALERT_ENV.items() if os.environ.get(var)})

@@ -16,7 +16,7 @@ importing this module (as Dagster does for every process) stays cheap.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -49,6 +49,14 @@ class EncoderResource(dg.ConfigurableResource):
     precision: str = Field(default="auto", description="'auto' (fp16 on cuda, fp32 on cpu), 'fp16', 'bf16', 'fp32'")
     batch_size: int = Field(default=256, description="images per forward pass")
     num_workers: int = Field(default=2, description="decoding workers (DataLoader processes / perceptual threads)")
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the vectors this resource produces (recorded in the code version of the assets that
+        embed images)."""
+        if self.kind == "perceptual":
+            return {"kind": self.kind}
+        return {"kind": self.kind, "model": self.model, "pretrained": self.pretrained,
+                "model_config_path": self.model_config_path}
 
     def load(self):
         """Build the encoder (loads weights once); returns an object with name, dim, encode_images, encode_bytes."""

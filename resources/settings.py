@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Optional
@@ -23,21 +24,33 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def default_section(stage: str) -> dict[str, Any]:
-    """The shipped defaults of one stage (``curation_assets/configs/<stage>.yaml``)."""
+@functools.lru_cache(maxsize=None)
+def _packaged(stage: str) -> dict[str, Any]:
     ref = importlib_resources.files("curation_assets") / "configs" / f"{stage}.yaml"
     if not ref.is_file():
         return {}
     return yaml.safe_load(ref.read_text()) or {}
 
 
+def default_section(stage: str) -> dict[str, Any]:
+    """The shipped defaults of one stage (``curation_assets/configs/<stage>.yaml``)."""
+    return copy.deepcopy(_packaged(stage))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_file(path: str, mtime_ns: int, size: int) -> Any:
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
 def load_user_config(path: str | Path | None) -> dict[str, Any]:
+    """The user's YAML file, parsed once per content (an edited file is read again)."""
     if not path:
         return {}
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    stat = path.stat()
+    data = copy.deepcopy(_parse_file(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of stage name to settings")
     unknown = sorted(set(data) - set(STAGES))
@@ -55,4 +68,8 @@ class CurationSettings(dg.ConfigurableResource):
     def section(self, stage: str) -> dict[str, Any]:
         if stage not in STAGES:
             raise KeyError(f"unknown stage {stage!r}; known: {list(STAGES)}")
-        return _deep_merge(default_section(stage), load_user_config(self.config_path).get(stage, {}))
+        return _deep_merge(_packaged(stage), load_user_config(self.config_path).get(stage, {}))
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        """Every stage's merged settings."""
+        return {stage: self.section(stage) for stage in STAGES}

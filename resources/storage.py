@@ -92,6 +92,10 @@ class DeltaStorage(dg.ConfigurableResource):
         """Replace the rows of one key (``column = value``) of a table partitioned by ``column``."""
         return delta.replace_where(self.table_path(name), df, column, value)
 
+    def replace_in(self, name: str, df: pl.DataFrame, column: str, values: Sequence[str | int]) -> int:
+        """Replace the rows of several keys of a small unpartitioned table (one row per key)."""
+        return delta.replace_in(self.table_path(name), df, column, values)
+
     def read_if_exists(self, name: str) -> pl.DataFrame | None:
         """A whole table, or None when its stage has not run (or wrote nothing readable): for report and
         audit code that must not break on a missing or foreign upstream table."""

@@ -246,7 +246,7 @@ def test_audits_config_rejects_unknown_keys_and_bad_values():
 
     cfg = audits.AuditsConfig.from_section(default_section("audits"))
     assert cfg.regurgitation.generated is None and cfg.clip_bias.temperature == 100.0
-    assert [c.name for c in cfg.checkpoints()] == audits.configured_checkpoint_names()
+    assert [c.name for c in cfg.checkpoints()] == audits.checkpoint_names(cfg)
 
 
 def test_report_sections_draw_upstream_curves(tmp_path):

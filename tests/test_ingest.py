@@ -126,7 +126,7 @@ def test_decompression_bomb_limit_comes_from_config(bad_shard):
     relaxed = read_shard("00000", tar, limits=IngestLimits(max_pixels=10_000_000))
     assert relaxed.filter(pl.col("key") == "000000005")["status"].item() == "ok"
     with pytest.raises(ValueError, match="unknown keys"):
-        IngestLimits.from_config({"max_pixel": 5})
+        IngestLimits.from_section({"max_pixel": 5})
 
 
 def test_converted_images_decode_to_rgb(bad_shard):

@@ -15,9 +15,9 @@ from curation_assets.core.safety import (
     ClassifierConfig,
     LinearProbe,
     ProbeBank,
+    SafetyConfig,
     SafetyConfigError,
     load_bank,
-    parse_config,
     save_bank,
     train_probe,
 )
@@ -42,7 +42,7 @@ def blobs(n_pos: int, n_neg: int, dim: int = 32, shift: float = 1.2, seed: int =
 
 
 def test_default_config_is_valid():
-    cfg = parse_config(default_section("safety"))
+    cfg = SafetyConfig.from_section(default_section("safety"))
     assert cfg.names == ["violence", "sexual"]
     assert all(c.target_recall == 0.99 and c.definition for c in cfg.categories)
     assert cfg.category("violence").required_positives == 100
@@ -66,7 +66,7 @@ def test_default_config_is_valid():
 def test_bad_config_names_the_key(patch, message):
     section = {**default_section("safety"), **patch}
     with pytest.raises(SafetyConfigError, match=message):
-        parse_config(section)
+        SafetyConfig.from_section(section)
 
 
 # -------------------------------------------------------------------------------------- classifier

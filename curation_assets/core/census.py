@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
-from curation_assets.core.plots import figure_png
+from curation_assets.core.plots import figure_png, pyplot
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 
@@ -151,10 +151,7 @@ def duplicate_rate(groups: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
 
 def histogram_png(series: dict[str, np.ndarray], title: str, xlabel: str, bins: int = 30, log: bool = False) -> bytes:
     """One PNG with overlaid histograms, one per named series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=90)
     for name, values in series.items():
@@ -174,10 +171,7 @@ def histogram_png(series: dict[str, np.ndarray], title: str, xlabel: str, bins: 
 
 
 def bar_png(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=90)
     ax.bar(list(labels), list(values), color="#4c72b0")

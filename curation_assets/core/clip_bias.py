@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from curation_assets.core.plots import figure_png
+from curation_assets.core.plots import figure_png, pyplot
 from curation_assets.core.regurgitation import wilson_interval
 
 DEFAULT_LABELS = ("human being", "animal", "gorilla", "chimpanzee", "orangutan", "thief", "criminal", "suspicious person")
@@ -186,10 +186,7 @@ def compare_checkpoints(shares: pl.DataFrame, baseline: str, other: str) -> pl.D
 
 def heatmap_png(shares: pl.DataFrame, title: str, value: str = "share") -> bytes:
     """Group x label heatmap of ``value`` (top-1 share by default), annotated in percent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     data = shares.filter(pl.col("group") != "all")
     groups = sorted(data["group"].unique().to_list())

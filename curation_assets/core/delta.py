@@ -99,6 +99,32 @@ def replace_where(path: str | Path, df: pl.DataFrame, column: str, value: str | 
     return df.height
 
 
+def replace_in(path: str | Path, df: pl.DataFrame, column: str, values: Sequence[str | int]) -> int:
+    """Replace the rows whose ``column`` is one of ``values`` with ``df`` in one commit, in a small table that
+    is not partitioned by ``column`` (one row per key, e.g. per clustering); retried like
+    :func:`replace_where`."""
+    from deltalake import write_deltalake
+
+    values = list(values)
+    others = df.filter(~pl.col(column).is_in(values)).height
+    if others:
+        raise ValueError(f"{path}: {others} rows do not belong to {column} in {values!r}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = _arrow(df)
+    predicate = f"{column} IN ({', '.join(_literal(v) for v in values)})"
+
+    def write():
+        if table_exists(path):
+            return write_deltalake(str(path), data, mode="overwrite", predicate=predicate)
+        with _creating(path):
+            if table_exists(path):
+                return write_deltalake(str(path), data, mode="overwrite", predicate=predicate)
+            write_deltalake(str(path), data, mode="error")
+
+    _retrying(write, f"{predicate} of {path}")
+    return df.height
+
+
 def _creating(path: str | Path):
     """An exclusive lock (between processes on this machine) around creating the table at ``path``."""
     path = Path(path)

@@ -1,9 +1,21 @@
-"""Figures as PNG bytes, and PNG bytes as markdown images, so the Dagster UI and the HTML pages show plots."""
+"""Figures as PNG bytes, PNG bytes as markdown images and frames as markdown tables, so the Dagster UI and
+the HTML pages show plots and tables."""
 
 from __future__ import annotations
 
 import base64
 import io
+import math
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (steps and sensors run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figure_png(fig, dpi: int = 90) -> bytes:
@@ -18,6 +30,18 @@ def figure_png(fig, dpi: int = 90) -> bytes:
 
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def markdown_table(df, digits: int = 4) -> str:
+    """A polars frame as a markdown table (``dg.MetadataValue.md``); floats to ``digits`` significant digits."""
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.{digits}g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
+    return "\n".join(lines)
 
 
 def markdown_image(png: bytes, alt: str = "") -> str:

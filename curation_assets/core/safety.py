@@ -90,6 +90,11 @@ class SafetyConfig:
     def names(self) -> list[str]:
         return [c.name for c in self.categories]
 
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "SafetyConfig":
+        """The validated ``safety`` section; :class:`SafetyConfigError` names the key at fault."""
+        return _parse(section)
+
     def category(self, name: str) -> Category:
         for c in self.categories:
             if c.name == name:
@@ -126,7 +131,7 @@ def _number(where: str, value: Any, kind: type, low: float | None = None, high: 
     return value
 
 
-def parse_config(section: Mapping[str, Any]) -> SafetyConfig:
+def _parse(section: Mapping[str, Any]) -> SafetyConfig:
     """Validate the merged ``safety`` section (defaults + user file) into a :class:`SafetyConfig`.
 
     Raises :class:`SafetyConfigError` naming the offending key on anything malformed: unknown keys, missing

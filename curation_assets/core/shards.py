@@ -58,7 +58,7 @@ class IngestLimits:
     image_extensions: tuple[str, ...] = IMAGE_EXTENSIONS
 
     @classmethod
-    def from_config(cls, section: dict) -> "IngestLimits":
+    def from_section(cls, section: dict) -> "IngestLimits":
         from curation_assets.core.validation import check_fields
 
         check_fields("ingest", cls, section)
