@@ -2,9 +2,10 @@
 
 Filtering can shift who is in a dataset: in DALL·E 2's data, captions mentioning "woman" fell 14% while
 "man" fell 6%. This stage measures each group's share and the ratios between groups at every stage of the
-funnel (raw -> filtered -> filtered + reweighted -> deduplicated -> the final training set), fixes the shift with importance weights
-from a deliberately weak probe (``sample_weights``), and watches every new shard for drift
-(``bias_drift_sensor``), alerting through the ``alerts`` resource.
+funnel (raw -> filtered -> filtered + reweighted -> deduplicated -> the final training set), fixes the shift
+with importance weights from a deliberately weak probe (``sample_weights``, in ``bias_weights.py``), and
+watches every new shard for drift (``bias_drift.py``), alerting through the ``alerts`` resource. Its settings
+are ``core.demographics.BiasSettings``.
 
 Tables:
 
@@ -20,10 +21,8 @@ Tables:
 """
 
 
-import hashlib
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional, Sequence
 
@@ -31,16 +30,15 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from curation_assets.core import demographics
+from curation_assets.core.demographics import BiasSettings, STAGES
 from curation_assets.core.plots import figure_png, markdown_image, markdown_table, pyplot
-from curation_assets.core import demographics as demo
 from curation_assets.partitions import partition_keys, shard_asset
 from curation_assets.training_set import TRAINING_SET
-from resources.alerts import Alert, AlertSink
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 
-STAGES = ("raw", "filtered", "filtered_reweighted", "deduplicated", "training_set", "training_set_weighted")
 OVERALL = "_overall"
 RATIOS = "demographic_ratios"
 OVERALL_RATIOS = "overall_demographic_ratios"
@@ -56,104 +54,6 @@ RATIO_SCHEMA = {
     "value": pl.Float64, "low": pl.Float64, "high": pl.Float64, "change_vs_raw": pl.Float64,
     "n_shards": pl.Int64, "computed_at": pl.Datetime("us", "UTC"), "run_id": pl.String,
 }
-
-
-# --- configuration ---------------------------------------------------------------------------------------
-
-@dataclass
-class ClipSettings:
-    enabled: bool = True
-    prompts: dict[str, list[str]] = field(default_factory=dict)
-    neutral: Optional[str] = "none"
-    min_probability: float = 0.5
-    logit_scale: float = 100.0
-
-
-@dataclass
-class ReweightSettings:
-    regularization: Optional[float] = None  # None / "auto": selected from regularization_grid
-    regularization_grid: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    selection: str = "balance"
-    balance_clusters: int = 16
-    max_weight: float = 10.0
-    max_train_per_class: int = 50_000
-    seed: int = 0
-
-
-@dataclass
-class BiasSettings:
-    """The validated ``bias:`` section (defaults in configs/bias.yaml)."""
-
-    confidence: float
-    caption_groups: dict[str, list[str]]
-    ratio_pairs: list[tuple[str, str]]
-    clip: ClipSettings
-    reweighting: ReweightSettings
-    drift: demo.DriftSettings
-    drift_source: str
-    drift_stage: str
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "BiasSettings":
-        known = {"confidence", "caption_groups", "ratio_pairs", "clip", "reweighting", "drift"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"bias config: unknown keys {unknown}; known: {sorted(known)}")
-        from curation_assets.core.validation import ConfigError, check_fields, check_value
-
-        try:
-            check_value("bias.confidence", section.get("confidence", 0.95), float)
-            check_fields("bias.clip", ClipSettings, dict(section.get("clip") or {}))
-            check_fields("bias.reweighting", ReweightSettings, {
-                k: v for k, v in dict(section.get("reweighting") or {}).items() if not (k == "regularization" and v == "auto")})
-            check_fields("bias.drift", demo.DriftSettings, {k: v for k, v in dict(section.get("drift") or {}).items()
-                                                             if k not in ("source", "stage")})
-        except ConfigError as exc:
-            raise ConfigError(f"bias config: {exc}") from None
-        try:
-            groups = {str(k): [str(w) for w in v] for k, v in dict(section.get("caption_groups") or {}).items()}
-            demo.CaptionMatcher(groups)  # validates the word lists
-            pairs = [tuple(map(str, p)) for p in (section.get("ratio_pairs") or [])]
-            for pair in pairs:
-                if len(pair) != 2 or any(g not in groups for g in pair):
-                    raise ValueError(f"ratio pair {list(pair)} must name two groups of caption_groups {list(groups)}")
-            if not pairs:
-                names = list(groups)
-                pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-            clip = ClipSettings(**dict(section.get("clip") or {}))
-            rw_section = dict(section.get("reweighting") or {})
-            if rw_section.get("regularization") in ("auto", None):
-                rw_section["regularization"] = None
-            reweighting = ReweightSettings(**rw_section)
-            if reweighting.regularization is not None:
-                reweighting.regularization = float(reweighting.regularization)
-            reweighting.regularization_grid = [float(v) for v in reweighting.regularization_grid]
-            if (reweighting.regularization is not None and reweighting.regularization <= 0) or reweighting.max_weight <= 0:
-                raise ValueError("reweighting.regularization and reweighting.max_weight must be positive")
-            if not reweighting.regularization_grid or min(reweighting.regularization_grid) <= 0:
-                raise ValueError("reweighting.regularization_grid must be a non-empty list of positive penalties")
-            if reweighting.selection not in ("balance", "log_loss"):
-                raise ValueError(f"reweighting.selection must be balance or log_loss, got {reweighting.selection!r}")
-            if int(reweighting.balance_clusters) < 2:
-                raise ValueError("reweighting.balance_clusters must be at least 2")
-            drift_section = dict(section.get("drift") or {})
-            source = drift_section.pop("source", "caption")
-            stage = drift_section.pop("stage", "raw")
-            if source not in ("caption", "clip"):
-                raise ValueError(f"drift.source must be caption or clip, got {source!r}")
-            if stage not in STAGES:
-                raise ValueError(f"drift.stage must be one of {STAGES}, got {stage!r}")
-            drift = demo.DriftSettings(**drift_section)
-            confidence = float(section.get("confidence", 0.95))
-            if not 0 < confidence < 1:
-                raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-        except TypeError as exc:  # unknown keys inside a sub-section
-            raise ValueError(f"bias config: {exc}") from exc
-        return cls(confidence, groups, pairs, clip, reweighting, drift, source, stage)
-
-    @property
-    def matcher(self) -> demo.CaptionMatcher:
-        return demo.CaptionMatcher(self.caption_groups)
 
 
 def load_settings(settings: CurationSettings) -> BiasSettings:
@@ -218,7 +118,7 @@ def clip_attributes(storage: DeltaStorage, shard: str, uids: pl.Series, encoder:
         return None
     encoder_names = sorted(set(ids["encoder"].to_list()))
     text = text if text is not None else _clip_text_embeddings(encoder, cfg.clip.prompts)
-    members = demo.clip_zero_shot(x, text, neutral=cfg.clip.neutral, logit_scale=cfg.clip.logit_scale,
+    members = demographics.clip_zero_shot(x, text, neutral=cfg.clip.neutral, logit_scale=cfg.clip.logit_scale,
                                   min_probability=cfg.clip.min_probability)
     groups = [g for g in cfg.clip.prompts if g != cfg.clip.neutral]
     frame = ids.select("uid").with_columns(
@@ -229,7 +129,7 @@ def clip_attributes(storage: DeltaStorage, shard: str, uids: pl.Series, encoder:
             "min_probability": cfg.clip.min_probability, "logit_scale": cfg.clip.logit_scale}
     pairs = [p for p in cfg.ratio_pairs if all(g in groups for g in p)] or [
         (a, b) for i, a in enumerate(groups) for b in groups[i + 1:]]
-    return AttributeSource("clip", demo.source_version("clip", spec), groups, [], pairs, frame)
+    return AttributeSource("clip", demographics.source_version("clip", spec), groups, [], pairs, frame)
 
 
 # --- stage sets ------------------------------------------------------------------------------------------
@@ -288,7 +188,7 @@ def measure(sets: Mapping[str, tuple[pl.DataFrame, Optional[np.ndarray]]], sourc
             frame, weights = sets[stage]
             flags = frame.select("uid").join(source.frame, on="uid", how="left", maintain_order="left").fill_null(False)
             columns = source.groups + [f"kw:{k}" for k in source.keywords]
-            group_rows, ratio_rows = demo.group_stats(flags, columns, weights, confidence, source.pairs)
+            group_rows, ratio_rows = demographics.group_stats(flags, columns, weights, confidence, source.pairs)
             common = {"stage": stage, "source": source.name, "source_version": source.version}
             for r in group_rows:
                 kind = "keyword" if r["group"].startswith("kw:") else "share"
@@ -307,7 +207,7 @@ def measure(sets: Mapping[str, tuple[pl.DataFrame, Optional[np.ndarray]]], sourc
         for row in rows:
             if row["source"] == source.name:
                 before = raw_values.get((row["kind"], row["group"]), math.nan)
-                row["change_vs_raw"] = demo.relative_change(before, row["value"]) if not math.isnan(before) else None
+                row["change_vs_raw"] = demographics.relative_change(before, row["value"]) if not math.isnan(before) else None
     return rows
 
 
@@ -356,7 +256,7 @@ def overall_rows(table: pl.DataFrame, pairs_by_source: Mapping[str, Sequence[tup
                        "weight_sq_sum": r["weight_sq_sum"], "weight_total": r["weight_total"],
                        "weight_sq_total": r["weight_sq_total"], "value": ci.estimate, "low": ci.low,
                        "high": ci.high, "n_shards": n_shards,
-                       "change_vs_raw": demo.relative_change(before, ci.estimate) if before == before else None}
+                       "change_vs_raw": demographics.relative_change(before, ci.estimate) if before == before else None}
                 rows.append(row)
                 if r["kind"] == "share":
                     by_group[r["group"]] = row
@@ -373,7 +273,7 @@ def overall_rows(table: pl.DataFrame, pairs_by_source: Mapping[str, Sequence[tup
                 rows.append({"stage": stage, "source": source, "source_version": version, "kind": "ratio",
                              "group": f"{a}/{b}", "numerator": a, "denominator": b, "value": ci.estimate,
                              "low": ci.low, "high": ci.high, "n_shards": n_shards,
-                             "change_vs_raw": demo.relative_change(before, ci.estimate) if before == before else None})
+                             "change_vs_raw": demographics.relative_change(before, ci.estimate) if before == before else None})
     return rows
 
 
@@ -522,218 +422,4 @@ def read_overall(storage: DeltaStorage) -> pl.DataFrame | None:
     return storage.read(OVERALL_RATIOS) if storage.exists(OVERALL_RATIOS) else None
 
 
-@dg.asset(
-    deps=[dg.AssetDep("filtered_samples", partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep("image_embeddings", partition_mapping=dg.AllPartitionMapping())],
-    group_name="bias",
-    kinds={"scikitlearn", "delta"},
-)
-def sample_weights(context: dg.AssetExecutionContext, storage: DeltaStorage,
-                   settings: CurationSettings) -> dg.MaterializeResult:
-    """Training weights that undo the filter's bias (OpenAI's method for DALL·E 2). A deliberately weak
-    linear probe, trained on equal-sized samples of the unfiltered and the filtered set, predicts
-    P(unfiltered | image); each kept sample gets w = p / (1 - p), clipped and normalised to mean 1, so
-    regions of the data the filter thinned out count for more. The table has uid, shard, weight: feed
-    ``weight`` to the training loader."""
-    from curation_assets.core import reweighting
-
-    if not storage.exists("filtered_samples"):
-        from curation_assets.safety import awaiting_result, label_readiness, safety_config
-
-        return awaiting_result(label_readiness(storage, safety_config(settings)), WEIGHTS)
-    cfg = load_settings(settings).reweighting
-    ids, x = storage.load_embeddings()
-    kept = storage.read("filtered_samples", columns=["uid", "kept"])
-    flags = ids.join(kept, on="uid", how="left", maintain_order="left")
-    missing = int(flags["kept"].null_count())
-    if missing:
-        context.log.warning(f"{missing} embedded samples have no filter decision yet; they count as unfiltered only")
-    is_kept = flags["kept"].fill_null(False).to_numpy()
-    result = reweighting.fit_weights(x, is_kept, regularization=cfg.regularization, max_weight=cfg.max_weight,
-                                     max_train_per_class=cfg.max_train_per_class, seed=cfg.seed,
-                                     regularization_grid=cfg.regularization_grid, selection=cfg.selection,
-                                     balance_clusters=cfg.balance_clusters)
-    table = ids.filter(pl.Series(is_kept)).select("uid", "shard").with_columns(
-        pl.Series("weight", result.weights, dtype=pl.Float64),
-        pl.Series("p_unfiltered", result.probabilities, dtype=pl.Float64))
-    storage.write_table(WEIGHTS, table, partition_by=["shard"])
-    w = result.weights
-    q = np.quantile(w, [0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0]) if len(w) else np.full(7, np.nan)
-    context.log.info(f"{len(w)} kept samples weighted; effective sample size {result.effective_sample_size:.0f}; "
-                     f"probe L2 penalty {result.regularization:g} ({'given' if cfg.regularization else cfg.selection})")
-    metadata = {
-        "unfiltered": dg.MetadataValue.int(len(ids)), "kept": dg.MetadataValue.int(int(is_kept.sum())),
-        "train_unfiltered": dg.MetadataValue.int(result.n_unfiltered),
-        "train_kept": dg.MetadataValue.int(result.n_kept),
-        "probe_regularization": dg.MetadataValue.float(result.regularization),
-        "regularization_selection": dg.MetadataValue.text("given" if cfg.regularization else cfg.selection),
-        "selection_scores": dg.MetadataValue.json({
-            f"{lam:g}": {"cv_log_loss": result.cv_log_loss.get(lam), "region_imbalance": result.balance.get(lam)}
-            for lam in sorted(set(result.cv_log_loss) | set(result.balance))}),
-        "platt_slope": dg.MetadataValue.float(result.calibration[0]),
-        "probe_train_accuracy": dg.MetadataValue.float(result.train_accuracy),
-        "effective_sample_size": dg.MetadataValue.float(result.effective_sample_size),
-        "effective_sample_fraction": dg.MetadataValue.float(result.effective_sample_size / max(1, len(w))),
-        "clipped_fraction": dg.MetadataValue.float(result.clipped_fraction),
-        **{f"weight_{name}": dg.MetadataValue.float(float(v))
-           for name, v in zip(["min", "p01", "p25", "median", "p75", "p99", "max"], q)},
-    }
-    if len(w):
-        plt = pyplot()
-
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.hist(w, bins=50)
-        ax.set_xlabel("weight (mean 1)")
-        ax.set_ylabel("kept samples")
-        ax.set_title(f"sample weights: ESS {result.effective_sample_size:.0f} of {len(w)}")
-        metadata["weight distribution"] = dg.MetadataValue.md(markdown_image(figure_png(fig)))
-    return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("sample_weights", "bias")})
-
-
-# --- drift -----------------------------------------------------------------------------------------------
-
-def drift_inputs(storage: DeltaStorage, cfg: BiasSettings) -> tuple[dict, dict, dict]:
-    """From ``demographic_ratios``: per shard the (count, n) of each group at the drift stage and source,
-    the attribute-source version and the computation time of each shard."""
-    if not storage.exists(RATIOS):
-        return {}, {}, {}
-    rows = (storage.scan(RATIOS)
-            .filter((pl.col("scope") == "shard") & (pl.col("kind") == "share")
-                    & (pl.col("stage") == cfg.drift_stage) & (pl.col("source") == cfg.drift_source))
-            .collect())
-    counts: dict[str, dict[str, tuple[float, float]]] = {}
-    versions: dict[str, str] = {}
-    computed: dict[str, str] = {}
-    for r in rows.iter_rows(named=True):
-        if cfg.drift_stage == "filtered_reweighted":
-            # weighted counts in the units of the Kish effective sample size of the shard
-            n_eff = r["weight_total"] ** 2 / r["weight_sq_total"] if r["weight_sq_total"] else 0.0
-            value = (r["weight_sum"] / r["weight_total"] * n_eff if r["weight_total"] else 0.0, n_eff)
-        else:
-            value = (float(r["count"]), float(r["n"]))
-        counts.setdefault(r["shard"], {})[r["group"]] = value
-        versions[r["shard"]] = r["source_version"]
-        computed[r["shard"]] = str(r["computed_at"])
-    return counts, versions, computed
-
-
-def alerted_shards(alerts: AlertSink, storage: DeltaStorage, version: str) -> set[str]:
-    table = alerts.read(storage).filter(pl.col("source") == ALERT_SOURCE)
-    out = set()
-    for r in table.iter_rows(named=True):
-        if json.loads(r["details"] or "{}").get("source_version") == version:
-            out.add(r["shard"])
-    return out
-
-
-def drift_alert(verdict: demo.DriftVerdict, cfg: BiasSettings, computed_at: str) -> Alert:
-    tripped = [g for g in verdict.groups if g["tripped"]]
-    parts = [f"{g['group']} share {g['share']:.3f} vs reference {g['reference_share']:.3f} "
-             f"(x{g['effect']:.2f}, p={g['p_value']:.2g})" for g in tripped]
-    identity = f"{ALERT_SOURCE}|{verdict.shard}|{verdict.version}|{cfg.drift_stage}|{computed_at}"
-    return Alert(
-        alert_id=hashlib.sha256(identity.encode()).hexdigest()[:20], source=ALERT_SOURCE,
-        severity=verdict.severity or "WARN", asset=RATIOS, shard=verdict.shard,
-        title=f"demographic drift in shard {verdict.shard}",
-        message="; ".join(parts) + f" [{cfg.drift_source} source, {cfg.drift_stage} stage, reference "
-                f"{len(verdict.reference_shards)} shards]",
-        details={"source_version": verdict.version, "stage": cfg.drift_stage, "source": cfg.drift_source,
-                 "reference_shards": verdict.reference_shards, "groups": verdict.groups, "computed_at": computed_at},
-    )
-
-
-def evaluate_drift(storage: DeltaStorage, cfg: BiasSettings, shards: Sequence[str], alerts: AlertSink
-                   ) -> list[tuple[demo.DriftVerdict, Optional[Alert]]]:
-    """Judge ``shards`` (in key order) against their references; shards that alerted earlier (same
-    attribute version) never serve as reference, including those that alert within this call."""
-    counts, versions, computed = drift_inputs(storage, cfg)
-    out = []
-    excluded: dict[str, set[str]] = {}
-    for shard in sorted(s for s in shards if s in counts):
-        version = versions[shard]
-        if version not in excluded:
-            excluded[version] = alerted_shards(alerts, storage, version)
-        verdict = demo.drift_verdict(shard, version, counts, versions, cfg.drift, excluded[version])
-        alert = drift_alert(verdict, cfg, computed[shard]) if verdict.alerting else None
-        if alert is not None:
-            excluded[version].add(shard)
-        out.append((verdict, alert))
-    return out
-
-
-def _check_evaluation(verdicts: Sequence[tuple[demo.DriftVerdict, Optional[Alert]]]) -> tuple[bool, dg.AssetCheckSeverity, dict]:
-    alerting = [v for v, _ in verdicts if v.alerting]
-    severity = (dg.AssetCheckSeverity.ERROR if any(v.severity == "ERROR" for v in alerting)
-                else dg.AssetCheckSeverity.WARN)
-    metadata = {
-        "shards_checked": dg.MetadataValue.int(len(verdicts)),
-        "drifted_shards": dg.MetadataValue.json([v.shard for v in alerting]),
-        "statuses": dg.MetadataValue.json({v.shard: v.status for v, _ in verdicts}),
-    }
-    if alerting:
-        metadata["details"] = dg.MetadataValue.md("\n".join(
-            f"- shard {v.shard} ({v.severity}): " + ", ".join(
-                f"{g['group']} x{g['effect']:.2f} p={g['p_value']:.2g}" for g in v.groups if g["tripped"])
-            for v in alerting))
-    return not alerting, severity, metadata
-
-
-@dg.asset_check(asset=demographic_ratios, name=DRIFT_CHECK, blocking=False)
-def demographic_drift(storage: DeltaStorage, settings: CurationSettings, alerts: AlertSink) -> dg.AssetCheckResult:
-    """Every measured shard against its reference (same rule as ``bias_drift_sensor``): fails with WARN
-    or ERROR when some shard's group share differs significantly (Bonferroni over groups) and by more
-    than the configured band. The sensor reports the same check for each batch of new shards."""
-    cfg = load_settings(settings)
-    counts, _, _ = drift_inputs(storage, cfg)
-    verdicts = evaluate_drift(storage, cfg, list(counts), alerts)
-    passed, severity, metadata = _check_evaluation(verdicts)
-    return dg.AssetCheckResult(passed=passed, severity=severity, metadata=metadata)
-
-
-@dg.sensor(
-    name="bias_drift_sensor",
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def bias_drift_sensor(context: dg.SensorEvaluationContext, storage: DeltaStorage, settings: CurationSettings,
-                      alerts: AlertSink) -> dg.SkipReason | dg.SensorResult:
-    """Watches ``demographic_ratios`` materialisations; compares each newly measured shard with its reference
-    and raises an alert (log, ``alerts`` table, webhook / Slack when configured, and the
-    ``demographic_drift`` asset check) only when a group's share differs significantly *and* by more than
-    the configured band. A changed attribute-source version starts a new reference instead of alerting.
-    The cursor is the last materialisation event processed; alerts are idempotent per shard measurement."""
-    after = int(context.cursor) if context.cursor else 0
-    result = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(RATIOS), after_storage_id=after), limit=1000, ascending=True)
-    records = list(result.records)
-    if not records:
-        return dg.SkipReason(f"no new {RATIOS} materialisations after event {after}")
-    shards = sorted({r.partition_key for r in records if r.partition_key})
-    cursor = str(max(r.storage_id for r in records))
-    cfg = load_settings(settings)
-    verdicts = evaluate_drift(storage, cfg, shards, alerts)
-    fired = [a for _, a in verdicts if a is not None]
-    delivery = alerts.emit(fired, storage, context.log)
-    for verdict, _ in verdicts:
-        context.log.info(f"shard {verdict.shard}: {verdict.status}"
-                         + (f" (reference {verdict.reference_shards})" if verdict.reference_shards else ""))
-        if verdict.status == "reset":
-            context.log.info(f"shard {verdict.shard}: attribute source {verdict.version} has no reference yet; "
-                             "it starts a new reference (no alert)")
-    events = []
-    if verdicts:
-        passed, severity, metadata = _check_evaluation(verdicts)
-        events.append(dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey(RATIOS), check_name=DRIFT_CHECK, passed=passed, severity=severity,
-            metadata={**metadata, "reported_by": dg.MetadataValue.text("bias_drift_sensor")}))
-    summary = (f"{len(verdicts)} shards judged, {len(fired)} drift alerts "
-               f"({delivery['emitted']} new, {delivery['skipped_duplicates']} already recorded)")
-    context.log.info(summary)
-    return dg.SensorResult(skip_reason=None if fired else summary, cursor=cursor, asset_events=events)
-
-
-defs = dg.Definitions(
-    assets=[demographic_ratios, overall_demographic_ratios, sample_weights],
-    asset_checks=[demographic_drift],
-    sensors=[bias_drift_sensor],
-)
+defs = dg.Definitions(assets=[demographic_ratios, overall_demographic_ratios])

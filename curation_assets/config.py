@@ -21,7 +21,7 @@ from resources.settings import STAGES, CurationSettings
 
 def _parsers() -> dict[str, Callable[[dict], Any]]:
     from curation_assets.audits import AuditsConfig
-    from curation_assets.bias import BiasSettings
+    from curation_assets.core.demographics import BiasSettings
     from curation_assets.core.dedup import DedupSettings
     from curation_assets.core.safety import SafetyConfig
     from curation_assets.core.shards import IngestLimits

@@ -1,273 +1,36 @@
 """The dedup stage: near-duplicate removal with five k-means clusterings (the DALL·E 2 method), with its recall
 measured on the user's own data.
 
-- ``kmeans_centroids`` (partitioned by clustering "1".."5"): spherical k-means centroids fitted on a random
-  subset of the embeddings drawn with the clustering's seed; one ``.npy`` file per fit under
-  ``<root>/artifacts/kmeans_centroids`` (named by its content hash, never overwritten) plus a small Delta table
-  describing each fit, written last, with paths relative to the data root (a copied root reads its own files).
-- ``cluster_assignments`` (per shard): each embedding's nearest centroid in every clustering, so a new shard
-  is assigned without refitting.
+- ``kmeans_centroids`` and ``cluster_assignments`` (``dedup_clusters.py``): five clusterings of the embeddings.
 - ``duplicate_pairs``: within each cluster, all pairs with cosine >= the threshold (blocked matrix products),
-  unioned over the clusterings; each pair once with its similarity and the clusterings that found it.
+  unioned over the clusterings and verified on the pixels; each pair once with its similarity and the
+  clusterings that found it.
 - ``dedup_groups``: connected components of the pair graph, one representative per group by a configurable,
   deterministic policy. ``deduplicated_samples``: every row of ``samples`` exactly once with its fate.
-- ``dedup_recall``: exact (brute-force) search on a random sample measures the fraction of true pairs found
-  with 1..5 clusterings; a check warns when recall with all five falls below the target.
+- ``dedup_recall`` (``dedup_recall.py``): the recall of the clustered search against exact search.
 
-When to refit the centroids: assignments of new shards use the existing centroids, which is right while new
-data looks like the data the centroids were fitted on. Refit (re-materialise ``kmeans_centroids``, then all
-``cluster_assignments``) when the encoder changes (required: ``duplicate_pairs`` refuses mixed or stale
-assignments), when the dataset has grown several-fold since the fit (K follows n up to 1024), or when
-``dedup_recall`` drops or the mean centroid similarity in ``cluster_assignments`` falls for new shards
-(their content has drifted away from the fitted clusters).
+The algorithms are in ``core/dedup.py`` and ``core/pixel_verify.py``.
 """
 
 
-import hashlib
-import os
 import time
-from datetime import datetime, timezone
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.core.plots import figure_png, markdown_image, markdown_table, pyplot
 from curation_assets.core import dedup as core
 from curation_assets.core import pixel_verify as verify_core
 from curation_assets.core.pixel_verify import VerifySettings
+from curation_assets.core.plots import figure_markdown
+from curation_assets.core.plots import markdown_table, pyplot
 from curation_assets.core.shards import read_images
-from curation_assets.partitions import N_CLUSTERINGS, clustering_partitions, partition_keys, partitioned_asset, shard_asset
+from curation_assets.dedup_clusters import (GROUP, current_centroids, dedup_settings, encoder_name, labels_matrix,
+                                            load_matrix)
+from curation_assets.partitions import N_CLUSTERINGS
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
-from resources.vector_search import VectorSearch
-
-GROUP = "dedup"
-CENTROIDS = "kmeans_centroids"
-ALL_CLUSTERINGS = [str(c) for c in range(1, N_CLUSTERINGS + 1)]
-
-
-def dedup_settings(settings: CurationSettings) -> core.DedupSettings:
-    try:
-        return core.DedupSettings.from_section(settings.section("dedup"))
-    except ValueError as exc:
-        raise dg.Failure(str(exc)) from exc
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _embedding_index(storage: DeltaStorage) -> pl.DataFrame:
-    """uid, shard, encoder of every embedding, in the row order :func:`_load_matrix` uses."""
-    ids = storage.scan("image_embeddings").select("uid", "shard", "encoder").collect()
-    return ids.sort(["shard", "uid"])
-
-
-def _load_matrix(storage: DeltaStorage, shards: list[str] | None = None) -> tuple[pl.DataFrame, np.ndarray]:
-    """All embeddings as one float32 matrix, filled shard by shard into a preallocated array so the peak
-    stays near one matrix plus one shard (not the several copies a single collect + explode makes)."""
-    counts = (storage.scan("image_embeddings").group_by("shard").agg(pl.len().alias("n")).collect().sort("shard"))
-    if shards is not None:
-        counts = counts.filter(pl.col("shard").is_in(shards))
-    total = int(counts["n"].sum()) if counts.height else 0
-    x: np.ndarray | None = None
-    frames, row = [], 0
-    for shard in counts["shard"].to_list():
-        ids, xs = storage.load_embeddings([shard])
-        if x is None:
-            x = np.empty((total, xs.shape[1]), dtype=np.float32)
-        x[row:row + len(xs)] = xs
-        row += len(xs)
-        frames.append(ids)
-        del xs
-    ids = pl.concat(frames) if frames else pl.DataFrame(schema={"uid": pl.String, "shard": pl.String, "encoder": pl.String})
-    return ids, (x if x is not None else np.zeros((0, 0), np.float32))
-
-
-def _encoder_name(ids: pl.DataFrame) -> str:
-    encoders = ids["encoder"].unique().to_list()
-    if len(encoders) != 1:
-        raise dg.Failure(f"image_embeddings mixes encoders {encoders}: re-embed every shard with one encoder")
-    return encoders[0]
-
-
-def _save_centroids(storage: DeltaStorage, clustering: str, centroids: np.ndarray, version: str) -> str:
-    """Write a fit under a name of its own (``clustering_<c>_<version>.npy``; write a temporary file, then
-    rename) and return its path relative to the data root. Files are never overwritten in place, so a crash
-    between fits leaves the table pointing at complete files of the previous fit."""
-    directory = storage.artifact_dir(CENTROIDS)
-    final = directory / f"clustering_{clustering}_{version}.npy"
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        np.save(handle, centroids)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    return final.relative_to(storage.root_path).as_posix()
-
-
-def _load_centroids(storage: DeltaStorage, row: dict) -> np.ndarray:
-    """The centroids a ``kmeans_centroids`` row names, checked against the row (shape and content hash)."""
-    path = storage.root_path / row["path"]
-    if not path.is_file():
-        raise dg.Failure(f"kmeans_centroids row of clustering {row['clustering']} names {row['path']}, which is "
-                         "missing: re-materialise kmeans_centroids")
-    centroids = np.load(path)
-    if centroids.shape != (row["k"], row["dim"]) or _centroid_version(centroids) != row["version"]:
-        raise dg.Failure(f"{row['path']} does not hold the centroids its kmeans_centroids row describes "
-                         f"(shape {centroids.shape}, expected ({row['k']}, {row['dim']})): re-materialise kmeans_centroids")
-    return centroids
-
-
-def _centroid_version(centroids: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(centroids).tobytes()).hexdigest()[:16]
-
-
-def _write_centroid_rows(storage: DeltaStorage, df: pl.DataFrame) -> None:
-    """Replace the rows of the given clusterings in the small ``kmeans_centroids`` table."""
-    storage.replace_in(CENTROIDS, df, "clustering", df["clustering"].to_list())
-
-
-def _png(fig) -> bytes:
-    return figure_png(fig, dpi=100)
-
-
-# --------------------------------------------------------------------------------------------- assets
-
-
-@partitioned_asset(
-    clustering_partitions, dg.BackfillPolicy.single_run(),
-    group_name=GROUP,
-    deps=[dg.AssetDep("image_embeddings", partition_mapping=dg.AllPartitionMapping())],
-    kinds={"faiss", "numpy"},
-)
-def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
-                     vector_search: VectorSearch) -> dg.MaterializeResult:
-    """Spherical k-means centroids of one clustering ("1".."5"), fitted on a random subset of the embeddings
-    drawn with seed ``kmeans.seed + clustering``. K = min(k_max, max(1, n // min_points_per_centroid));
-    the subset holds min(n, K * fit_points_per_centroid) embeddings. Faiss k-means runs on the GPU when one is
-    visible (vector_search resource), on the CPU otherwise."""
-    cfg = dedup_settings(settings)
-    index = _embedding_index(storage)
-    n = index.height
-    if n == 0:
-        raise dg.Failure("image_embeddings is empty: materialise it first")
-    encoder = _encoder_name(index)
-    k = core.default_k(n, cfg.k_max, cfg.min_points_per_centroid)
-    rows, meta = [], {}
-    keys = partition_keys(context) or ALL_CLUSTERINGS
-    seeds = {key: core.clustering_seed(cfg.seed, int(key)) for key in keys}
-    subsets = {key: core.fit_subset(n, k, seeds[key], cfg.fit_points_per_centroid) for key in keys}
-    fit_rows = _fit_rows(storage, index, subsets)  # every shard is read once for all clusterings of this step
-    for key in keys:
-        started = time.perf_counter()
-        seed = seeds[key]
-        x_fit = fit_rows[key]
-        centroids = core.fit_centroids(x_fit, k, seed, cfg.niter, kmeans=vector_search.kmeans)
-        version = _centroid_version(centroids)
-        path = _save_centroids(storage, key, centroids, version)
-        seconds = time.perf_counter() - started
-        rows.append({"clustering": key, "k": len(centroids), "dim": centroids.shape[1], "n_embeddings": n,
-                     "n_fit": len(x_fit), "seed": seed, "niter": cfg.niter, "encoder": encoder, "version": version,
-                     "path": path, "fit_seconds": seconds, "fitted_at": datetime.now(timezone.utc).isoformat()})
-        context.log.info(f"clustering {key}: K={len(centroids)} fitted on {len(x_fit)} of {n} in {seconds:.1f}s")
-        meta[f"version_{key}"] = version
-    _write_centroid_rows(storage, pl.DataFrame(rows))
-    return dg.MaterializeResult(metadata={
-        **storage.table_metadata("kmeans_centroids", "dedup-recall"),
-        "n_embeddings": n, "k": k, "encoder": encoder,
-        "k_rule": f"min({cfg.k_max}, max(1, n // {cfg.min_points_per_centroid}))",
-        "n_fit": rows[0]["n_fit"], "fit_seconds": dg.MetadataValue.float(sum(r["fit_seconds"] for r in rows)),
-        "centroids_dir": dg.MetadataValue.path(str(storage.artifact_dir(CENTROIDS))), **meta,
-    })
-
-
-def _fit_rows(storage: DeltaStorage, index: pl.DataFrame, subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The embeddings of each clustering's fit subset (row numbers into ``index``), reading each shard once."""
-    wanted = pl.concat([
-        index[rows.tolist()].select("uid", "shard").with_columns(pl.lit(key).alias("clustering"))
-        for key, rows in subsets.items()
-    ])
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in subsets}
-    for shard in wanted["shard"].unique().sort().to_list():
-        ids, xs = storage.load_embeddings([shard])
-        in_shard = wanted.filter(pl.col("shard") == shard)
-        for key in subsets:
-            uids = in_shard.filter(pl.col("clustering") == key)["uid"]
-            if len(uids):
-                parts[key].append(xs[ids["uid"].is_in(uids.implode()).to_numpy()])
-        del xs
-    return {key: np.concatenate(p) for key, p in parts.items()}
-
-
-def _current_centroids(storage: DeltaStorage) -> pl.DataFrame:
-    if not storage.exists(CENTROIDS):
-        raise dg.Failure("kmeans_centroids has not been materialised")
-    table = storage.read(CENTROIDS).sort("clustering")
-    missing = sorted(set(ALL_CLUSTERINGS) - set(table["clustering"].to_list()))
-    if missing:
-        raise dg.Failure(f"kmeans_centroids lacks clusterings {missing}: materialise all of its partitions")
-    return table
-
-
-@shard_asset(
-    group_name=GROUP,
-    deps=["image_embeddings", dg.AssetDep(CENTROIDS, partition_mapping=dg.AllPartitionMapping())],
-    kinds={"numpy", "deltalake"},
-)
-def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage) -> dg.MaterializeResult:
-    """Each embedding's nearest centroid in every clustering (long format: uid, shard, clustering, cluster,
-    centroid similarity, centroids version). Per shard, so new shards need no refit; ``duplicate_pairs``
-    refuses assignments made with centroids that have since been refitted."""
-    table = _current_centroids(storage)
-    centroids = {r["clustering"]: (_load_centroids(storage, r), r["version"]) for r in table.iter_rows(named=True)}
-    total, sims = 0, []
-    for shard in partition_keys(context):
-        ids, x = storage.load_embeddings([shard])
-        frames = []
-        for key in ALL_CLUSTERINGS:
-            cents, version = centroids[key]
-            if len(ids) and x.shape[1] != cents.shape[1]:
-                raise dg.Failure(f"shard {shard}: embeddings have dimension {x.shape[1]}, centroids {cents.shape[1]}: "
-                                 "refit kmeans_centroids on the current embeddings")
-            labels, sim = core.assign(x, cents) if len(ids) else (np.zeros(0, np.int32), np.zeros(0, np.float32))
-            sims.append(sim)
-            frames.append(pl.DataFrame({
-                "uid": ids["uid"], "shard": ids["shard"],
-                "clustering": pl.Series([key] * len(ids), dtype=pl.String),
-                "cluster": pl.Series(labels, dtype=pl.Int32),
-                "centroid_similarity": pl.Series(sim, dtype=pl.Float32),
-                "centroids_version": pl.Series([version] * len(ids), dtype=pl.String),
-            }))
-        storage.write_shard("cluster_assignments", pl.concat(frames), shard)
-        total += len(ids)
-        context.log.info(f"shard {shard}: assigned {len(ids)} embeddings in {N_CLUSTERINGS} clusterings")
-    all_sims = np.concatenate(sims) if sims else np.zeros(0)
-    return dg.MaterializeResult(metadata={
-        **storage.table_metadata("cluster_assignments", "dedup-recall"),
-        "embeddings_assigned": total,
-        "mean_centroid_similarity": dg.MetadataValue.float(float(all_sims.mean()) if len(all_sims) else 0.0),
-    })
-
-
-def _labels_matrix(storage: DeltaStorage, ids: pl.DataFrame, versions: dict[str, str]) -> np.ndarray:
-    """n x 5 cluster labels aligned with ``ids``; fails on missing shards or stale centroids."""
-    assignments = storage.scan("cluster_assignments").select("uid", "clustering", "cluster", "centroids_version").collect()
-    stale = assignments.filter(pl.col("centroids_version") != pl.col("clustering").replace_strict(versions, default=""))
-    if stale.height:
-        shards = sorted({u.split("/")[0] for u in stale["uid"].head(100000).to_list()})
-        raise dg.Failure(f"cluster_assignments of shards {shards[:20]} were made with centroids that have since been "
-                         "refitted: re-materialise cluster_assignments for every shard")
-    wide = assignments.pivot(on="clustering", index="uid", values="cluster")
-    aligned = ids.select("uid").join(wide, on="uid", how="left", maintain_order="left")
-    missing = aligned.filter(pl.any_horizontal(pl.col(ALL_CLUSTERINGS).is_null()) if set(ALL_CLUSTERINGS) <= set(aligned.columns)
-                             else pl.lit(True))
-    if missing.height:
-        shards = sorted({u.split("/")[0] for u in missing["uid"].to_list()})
-        raise dg.Failure(f"{missing.height} embeddings have no cluster assignment (shards {shards[:20]}): "
-                         "materialise cluster_assignments for them")
-    return aligned.select(ALL_CLUSTERINGS).to_numpy().astype(np.int32)
 
 
 PAIRS_SCHEMA = {"uid_a": pl.String, "uid_b": pl.String, "similarity": pl.Float32,
@@ -322,16 +85,16 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     verification off every candidate counts as verified (scores null)."""
     cfg = dedup_settings(settings)
     started = time.perf_counter()
-    ids, x = _load_matrix(storage)
+    ids, x = load_matrix(storage)
     if not len(ids):
         raise dg.Failure("image_embeddings is empty")
-    encoder = _encoder_name(ids)
+    encoder = encoder_name(ids)
     threshold = cfg.resolve_threshold(encoder)
-    centroids = _current_centroids(storage)
+    centroids = current_centroids(storage)
     if centroids["encoder"].unique().to_list() != [encoder]:
         raise dg.Failure(f"centroids were fitted on {centroids['encoder'].unique().to_list()} embeddings, the "
                          f"current ones come from {encoder!r}: refit kmeans_centroids")
-    labels = _labels_matrix(storage, ids, dict(zip(centroids["clustering"], centroids["version"])))
+    labels = labels_matrix(storage, ids, dict(zip(centroids["clustering"], centroids["version"])))
     load_seconds = time.perf_counter() - started
 
     found, per_clustering, stats = [], [], core.PairSearchStats()
@@ -432,7 +195,7 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
         ax.bar(counts["n"].to_list(), counts["count"].to_list())
         ax.set_xlabel("group size")
         ax.set_ylabel("groups")
-        hist = markdown_image(_png(fig), "group sizes")
+        hist = figure_markdown(fig, "group sizes", dpi=100)
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("dedup_groups", "dedup-recall"),
         "candidate_pairs": candidates, "verified_pairs_used": pairs.height,
@@ -514,86 +277,5 @@ def deduplicated_samples_account_for_every_sample(storage: DeltaStorage) -> dg.A
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=["duplicate_pairs", dg.AssetDep("image_embeddings", partition_mapping=dg.AllPartitionMapping())],
-    kinds={"faiss", "deltalake"},
-)
-def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
-                 vector_search: VectorSearch) -> dg.MaterializeResult:
-    """Measured recall of the clustered search: a random sample of ``recall.sample_size`` embeddings is searched
-    exactly (faiss brute-force range search against all embeddings); of the true pairs (cosine >= threshold)
-    involving a sampled embedding, the fraction found using clusterings 1..c, for c = 1..5, with Wilson 95%
-    intervals and the mean over all subsets of c clusterings."""
-    cfg = dedup_settings(settings)
-    ids, x = _load_matrix(storage)
-    encoder = _encoder_name(ids)
-    threshold = cfg.resolve_threshold(encoder)
-    queries = core.sample_queries(len(ids), cfg.recall_sample_size, cfg.recall_seed)
-    started = time.perf_counter()
-    # on the GPU through a flat index; on the CPU straight on the matrix (an index would copy it)
-    index = vector_search.flat_index(x) if vector_search.use_gpu() else None
-    true_a, true_b, _ = core.exact_pairs(x, queries, threshold, index=index)
-    exact_seconds = time.perf_counter() - started
-    del x
-    pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "clusterings"])
-    row = pl.DataFrame({"uid": ids["uid"], "row": pl.int_range(ids.height, eager=True)})
-    mapped = (pairs.join(row.rename({"uid": "uid_a", "row": "ra"}), on="uid_a")
-                   .join(row.rename({"uid": "uid_b", "row": "rb"}), on="uid_b"))
-    fa = np.minimum(mapped["ra"].to_numpy(), mapped["rb"].to_numpy())
-    fb = np.maximum(mapped["ra"].to_numpy(), mapped["rb"].to_numpy())
-    fmask = np.array([sum(1 << (c - 1) for c in cs) for cs in mapped["clusterings"].to_list()], dtype=np.uint8)
-    curve = core.recall_curve(true_a, true_b, fa, fb, fmask, len(ids), N_CLUSTERINGS)
-    table = pl.DataFrame([r.__dict__ for r in curve]).with_columns(
-        pl.lit(len(queries)).alias("sample_size"), pl.lit(len(ids)).alias("n_embeddings"),
-        pl.lit(threshold).alias("threshold"), pl.lit(encoder).alias("encoder"),
-        pl.lit(cfg.recall_target).alias("target"))
-    storage.write_table("dedup_recall", table)
-
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    cs = table["clusterings"].to_list()
-    ax.plot(cs, table["recall"].to_list(), marker="o", label="clusterings 1..c")
-    ax.fill_between(cs, table["recall_low"].to_list(), table["recall_high"].to_list(), alpha=0.2, label="Wilson 95%")
-    ax.plot(cs, table["recall_mean_over_subsets"].to_list(), ls="--", label="mean over subsets of c")
-    ax.axhline(cfg.recall_target, color="grey", lw=0.8, ls=":", label=f"target {cfg.recall_target}")
-    ax.set_xlabel("clusterings")
-    ax.set_ylabel("pair recall")
-    ax.set_xticks(cs)
-    ax.legend(fontsize=7)
-    final = curve[-1]
-    return dg.MaterializeResult(metadata={
-        **storage.table_metadata("dedup_recall", "dedup-recall"),
-        "sample_size": len(queries), "true_pairs_in_sample": final.true_pairs,
-        "recall_1": dg.MetadataValue.float(curve[0].recall),
-        "recall_all": dg.MetadataValue.float(final.recall),
-        "recall_table": dg.MetadataValue.md(markdown_table(table.select(
-            "clusterings", "true_pairs", "found", "recall", "recall_low", "recall_high", "recall_mean_over_subsets"))),
-        "recall_curve": dg.MetadataValue.md(markdown_image(_png(fig), "recall vs clusterings")),
-        "exact_search_seconds": dg.MetadataValue.float(exact_seconds),
-    })
-
-
-@dg.asset_check(asset=dedup_recall, description="Recall of the five-clustering search on the exact-search sample "
-                                                "reaches recall.target (warning).")
-def dedup_recall_meets_target(storage: DeltaStorage) -> dg.AssetCheckResult:
-    table = storage.read("dedup_recall").sort("clusterings")
-    last = table.row(-1, named=True)
-    if last["true_pairs"] == 0:
-        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
-                                   description="the sample holds no pair above the threshold: recall not measurable; "
-                                               "raise recall.sample_size")
-    return dg.AssetCheckResult(
-        passed=last["recall"] >= last["target"], severity=dg.AssetCheckSeverity.WARN,
-        description=(f"recall with {last['clusterings']} clusterings {last['recall']:.4f} "
-                     f"(95% CI {last['recall_low']:.3f}-{last['recall_high']:.3f}) on {last['true_pairs']} true pairs; "
-                     f"target {last['target']}"),
-        metadata={"recall": last["recall"], "true_pairs": last["true_pairs"]},
-    )
-
-
-defs = dg.Definitions(
-    assets=[kmeans_centroids, cluster_assignments, duplicate_pairs, dedup_groups, deduplicated_samples, dedup_recall],
-    asset_checks=[deduplicated_samples_account_for_every_sample, dedup_recall_meets_target],
-)
+defs = dg.Definitions(assets=[duplicate_pairs, dedup_groups, deduplicated_samples],
+                      asset_checks=[deduplicated_samples_account_for_every_sample])

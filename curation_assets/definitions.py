@@ -20,7 +20,9 @@ from typing import Any
 
 import dagster as dg
 
-from curation_assets import audits, bias, dedup, embeddings, ingest, report, safety, sensors, training_set
+from curation_assets import (bias, bias_drift, bias_weights, clip_bias_audit, dataset_census, dedup, dedup_clusters,
+                             dedup_recall, embeddings, ingest, regurgitation_audit, report, safety, safety_filter,
+                             safety_labels, sensors, training_set)
 from curation_assets.automation import with_automation
 from curation_assets.config import validate_settings, with_settings_versions
 from resources.alerts import alert_sink_from_env
@@ -30,8 +32,9 @@ from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
 
-STAGES = (ingest, embeddings, safety, dedup, bias, training_set, report, sensors)
-"""Stage modules with a module-level ``defs``; ``audits.build_defs`` depends on the settings."""
+STAGES = (ingest, embeddings, safety_labels, safety, safety_filter, dedup_clusters, dedup, dedup_recall, bias,
+          bias_weights, bias_drift, training_set, regurgitation_audit, dataset_census, report, sensors)
+"""Stage modules with a module-level ``defs``; ``clip_bias_audit.build_defs`` depends on the settings."""
 
 
 def build_resources(
@@ -68,7 +71,7 @@ def build_definitions(refresh_cron: str | None = None, **resource_overrides: Any
     resources = build_resources(**resource_overrides)
     settings = resources["settings"]
     validate_settings(settings)
-    merged = dg.Definitions.merge(*(stage.defs for stage in STAGES), audits.build_defs(settings),
+    merged = dg.Definitions.merge(*(stage.defs for stage in STAGES), clip_bias_audit.build_defs(settings),
                                   dg.Definitions(resources=resources))
     return with_automation(with_settings_versions(merged, settings, resources["encoder"].identity()), refresh_cron)
 

@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.core import training_set as core
-from curation_assets.dedup import dedup_settings
+from curation_assets.dedup_clusters import dedup_settings
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 

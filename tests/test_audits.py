@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from curation_assets import audits, report
+from curation_assets import clip_bias_audit
 from curation_assets.core import regurgitation as rg
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
@@ -126,7 +127,7 @@ def test_report_sections_cope_with_missing_stages(audited):
 
 def test_funnel_reconciles_with_filtering_and_dedup(audited, tmp_path):
     from curation_assets.core.training_set import final_verdicts
-    from curation_assets.report import funnel
+    from curation_assets.report_sections import funnel
 
     storage = DeltaStorage(root=str(tmp_path))
     samples = pl.DataFrame({"uid": [f"s/{i}" for i in range(10)], "shard": ["s"] * 10,
@@ -166,7 +167,7 @@ def _settings(tmp_path: Path, clip_bias: dict) -> CurationSettings:
 
 
 def test_clip_bias_not_configured_materialises_with_instructions(tmp_path):
-    asset = audits.build_clip_bias_audit(["ViT-L-14-laion400m"])
+    asset = clip_bias_audit.build_clip_bias_audit(["ViT-L-14-laion400m"])
     storage = DeltaStorage(root=str(tmp_path / "root"))
     result = dg.materialize([asset], partition_key="ViT-L-14-laion400m",
                             resources={"storage": storage, "settings": CurationSettings()})
@@ -196,7 +197,7 @@ def test_clip_bias_missing_weights_is_not_configured_not_a_crash(tmp_path):
     settings = _settings(tmp_path, {"probe_dir": str(probe), "checkpoints": [
         {"name": "real", "model": "ViT-B-32", "pretrained": str(tmp_path / "absent.pt")}]})
     storage = DeltaStorage(root=str(tmp_path / "root"))
-    result = dg.materialize([audits.build_clip_bias_audit(["real"])], partition_key="real",
+    result = dg.materialize([clip_bias_audit.build_clip_bias_audit(["real"])], partition_key="real",
                             resources={"storage": storage, "settings": settings})
     metadata = result.asset_materializations_for_node("clip_bias_audit")[0].metadata
     assert "absent.pt does not exist" in metadata["real: configure"].value
@@ -215,7 +216,7 @@ def test_clip_bias_with_tiny_random_models_across_checkpoints(tmp_path):
             {"name": "tiny-b", "model": "tiny_clip_b", "model_config": str(cfg_b), "random_init": True},
         ]})
     storage = DeltaStorage(root=str(tmp_path / "root"))
-    asset = audits.build_clip_bias_audit(["tiny-a", "tiny-b"])
+    asset = clip_bias_audit.build_clip_bias_audit(["tiny-a", "tiny-b"])
     for key in ("tiny-a", "tiny-b"):
         result = dg.materialize([asset], partition_key=key, resources={"storage": storage, "settings": settings})
         assert result.success

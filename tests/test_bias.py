@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from curation_assets import bias
+from curation_assets import bias_drift
 from curation_assets.core.demographics import CaptionMatcher
 from resources.alerts import AlertSink
 
@@ -200,7 +201,7 @@ def test_drift_sensor_alerts_once_for_the_drifted_shard(tmp_path_factory):
     corpus, pipeline = drift_copy(tmp_path_factory, tmp_path_factory.mktemp("drift") / "root")
     pipeline.materialize(["demographic_ratios"])
     drifted = DRIFTED
-    result = bias.bias_drift_sensor(_sensor_context(pipeline))
+    result = bias_drift.bias_drift_sensor(_sensor_context(pipeline))
     alerts = AlertSink().read(pipeline.storage)
     assert alerts.height == 1, alerts
     alert = alerts.row(0, named=True)
@@ -216,13 +217,13 @@ def test_drift_sensor_alerts_once_for_the_drifted_shard(tmp_path_factory):
     statuses = check.metadata["statuses"].value
     assert statuses[drifted] == "alert" and all(statuses[s] != "alert" for s in ("00000", "00001", "00002", "00003"))
     # the next tick sees nothing new; a replay from scratch does not alert twice
-    assert isinstance(bias.bias_drift_sensor(_sensor_context(pipeline, cursor=result.cursor)), (dg.SkipReason, dg.SensorResult))
-    bias.bias_drift_sensor(_sensor_context(pipeline))
+    assert isinstance(bias_drift.bias_drift_sensor(_sensor_context(pipeline, cursor=result.cursor)), (dg.SkipReason, dg.SensorResult))
+    bias_drift.bias_drift_sensor(_sensor_context(pipeline))
     assert AlertSink().read(pipeline.storage).height == 1
     # the asset check, run as a check, agrees
-    check_result = dg.materialize([bias.demographic_ratios, bias.demographic_drift], instance=pipeline.instance,
+    check_result = dg.materialize([bias.demographic_ratios, bias_drift.demographic_drift], instance=pipeline.instance,
                                   resources=pipeline.defs.resources,
-                                  selection=dg.AssetSelection.checks(bias.demographic_drift))
+                                  selection=dg.AssetSelection.checks(bias_drift.demographic_drift))
     (evaluation,) = check_result.get_asset_check_evaluations()
     assert not evaluation.passed and evaluation.metadata["drifted_shards"].value == [drifted]
 
@@ -230,7 +231,7 @@ def test_drift_sensor_alerts_once_for_the_drifted_shard(tmp_path_factory):
 def test_changed_word_lists_reset_the_reference_instead_of_alerting(tmp_path_factory):
     corpus, pipeline = drift_copy(tmp_path_factory, tmp_path_factory.mktemp("reset") / "root")
     pipeline.materialize(["demographic_ratios"], shards=["00000", "00001", "00002", "00003"])
-    first = bias.bias_drift_sensor(_sensor_context(pipeline))
+    first = bias_drift.bias_drift_sensor(_sensor_context(pipeline))
     assert AlertSink().read(pipeline.storage).height == 0
     # new word lists, then the drifted shard arrives: it is measured with another version -> reset, no alert
     from curation_assets.pipeline import open_pipeline
@@ -243,7 +244,7 @@ def test_changed_word_lists_reset_the_reference_instead_of_alerting(tmp_path_fac
     new_config.write_text(yaml.safe_dump(config))
     changed = open_pipeline(pipeline.root, corpus, str(new_config), instance=pipeline.instance)
     changed.materialize(["demographic_ratios"], shards=[DRIFTED])
-    result = bias.bias_drift_sensor(_sensor_context(changed, cursor=first.cursor))
+    result = bias_drift.bias_drift_sensor(_sensor_context(changed, cursor=first.cursor))
     assert AlertSink().read(changed.storage).height == 0
     table = changed.storage.read("demographic_ratios").filter(pl.col("scope") == "shard")
     versions = dict(table.select("shard", "source_version").unique().iter_rows())

@@ -88,7 +88,8 @@ def test_clip_zero_shot_on_constructed_embeddings():
 def test_clip_source_only_with_real_open_clip_weights():
     from types import SimpleNamespace
 
-    from curation_assets.bias import BiasSettings, clip_enabled
+    from curation_assets.bias import clip_enabled
+    from curation_assets.core.demographics import BiasSettings
     from resources.settings import default_section
 
     cfg = BiasSettings.from_section(default_section("bias"))

@@ -15,7 +15,7 @@ from curation_assets.cli import main
 @pytest.mark.timeout(600)
 def test_replaced_shard_makes_its_labels_stale_not_wrong(demo_corpus, tmp_path):
     from curation_assets.demo.corpus import write_demo_corpus
-    from curation_assets.safety import labels_in_force
+    from curation_assets.safety_labels import labels_in_force
 
     shards, root = tmp_path / "shards", tmp_path / "root"
     shutil.copytree(demo_corpus, shards)

@@ -36,7 +36,7 @@ KILL_ON_THIRD_FIT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_kill_between_centroid_fits_leaves_a_consistent_table(ingested, tmp_path):
-    from curation_assets.dedup import _load_centroids
+    from curation_assets.dedup_clusters import _load_centroids
 
     state = ingested.copy(tmp_path / "root")
     state.materialize(["kmeans_centroids"])
@@ -85,7 +85,7 @@ def _train(barrier, root: str, corpus: str, config: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_trainings_at_once_get_two_versions(ingested, tmp_path):
     from curation_assets import safety
-    from curation_assets.safety import import_label_rows, safety_config
+    from curation_assets.safety_labels import import_label_rows, safety_config
 
     state = ingested.copy(tmp_path / "root")
     truth = pl.read_parquet(state.corpus / "ground_truth.parquet", columns=["uid", "category"])
@@ -133,7 +133,7 @@ def test_concurrent_label_imports_take_distinct_rounds(ingested, tmp_path):
 
 
 def _import(barrier, root: str, config: str, uids: list[str]) -> None:
-    from curation_assets.safety import import_label_rows, safety_config
+    from curation_assets.safety_labels import import_label_rows, safety_config
     from resources.settings import CurationSettings
     from resources.storage import DeltaStorage
 
@@ -146,7 +146,7 @@ def _import(barrier, root: str, config: str, uids: list[str]) -> None:
 def test_centroid_file_that_disagrees_with_its_row_is_refused(tmp_path):
     import dagster as dg
 
-    from curation_assets.dedup import _centroid_version, _load_centroids, _save_centroids
+    from curation_assets.dedup_clusters import _centroid_version, _load_centroids, _save_centroids
     from resources.storage import DeltaStorage
 
     storage = DeltaStorage(root=str(tmp_path))

@@ -166,9 +166,10 @@ def test_two_trainings_recording_active_learning_rounds_lose_nothing(tmp_path):
 
 def _clip_checkpoint(barrier, root: str, config: str, key: str) -> None:
     from curation_assets import audits
+    from curation_assets import clip_bias_audit
     from resources.settings import CurationSettings
 
-    asset = audits.build_clip_bias_audit(["tiny-a", "tiny-b"])
+    asset = clip_bias_audit.build_clip_bias_audit(["tiny-a", "tiny-b"])
     resources = {"storage": DeltaStorage(root=root), "settings": CurationSettings(config_path=config)}
     barrier.wait()
     assert dg.materialize([asset], partition_key=key, resources=resources).success

@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from curation_assets import safety
+from curation_assets import safety_filter, safety_labels
 from curation_assets.core.delta import embeddings_frame
 from curation_assets.demo.safety import AnnotatorSettings, SimulatedAnnotator, seed_labels
 from curation_assets.partitions import shard_partitions
@@ -63,8 +64,8 @@ def _config(tmp_path: Path, **safety_overrides) -> str:
 
 UPSTREAM = [dg.AssetSpec("samples", partitions_def=shard_partitions),
             dg.AssetSpec("image_embeddings", partitions_def=shard_partitions)]
-GLOBAL = [safety.labels_asset, safety.safety_classifiers, safety.labeling_queue, safety.safety_thresholds]
-PER_SHARD_ASSETS = [safety.safety_scores, safety.filtered_samples]
+GLOBAL = [safety_labels.labels_asset, safety.safety_classifiers, safety.labeling_queue, safety_filter.safety_thresholds]
+PER_SHARD_ASSETS = [safety_filter.safety_scores, safety_filter.filtered_samples]
 
 
 class Env:
@@ -77,7 +78,7 @@ class Env:
 
     @property
     def cfg(self):
-        return safety.safety_config(self.settings)
+        return safety_labels.safety_config(self.settings)
 
     def run(self, assets, partition_key=None, checks=(), raise_on_error=True):
         return dg.materialize([*UPSTREAM, *GLOBAL, *PER_SHARD_ASSETS, *checks], instance=self.instance,
@@ -90,7 +91,7 @@ class Env:
         cfg = self.cfg
         rows = seed_labels(annotator, ok, cfg, AnnotatorSettings(seed_positives=n_pos, seed_negatives=n_neg,
                                                                  seed_pool=10_000))
-        report = safety.import_label_rows(self.storage, cfg, rows)
+        report = safety_labels.import_label_rows(self.storage, cfg, rows)
         assert report.ok, report.summary()
         return annotator
 
@@ -124,8 +125,8 @@ def test_classifiers_queue_thresholds_scores_and_filter(env):
     # label the queue, retrain: the round is recorded with the labels it added
     answers = [{"uid": r["uid"], "category": r["category"], "label": annotator.label(r["uid"], r["category"]),
                 "source": f"queue:{r['procedure']}", "round": r["round"]} for r in queue.iter_rows(named=True)]
-    assert safety.import_label_rows(env.storage, env.cfg, answers).ok
-    checks = [safety.safety_target_recall_reachable, safety.safety_recall_lower_bound]
+    assert safety_labels.import_label_rows(env.storage, env.cfg, answers).ok
+    checks = [safety_filter.safety_target_recall_reachable, safety_filter.safety_recall_lower_bound]
     result = env.run(["safety_classifiers", "safety_thresholds", "safety_thresholds"], checks=checks)
     rounds = env.storage.read("active_learning_rounds").filter(pl.col("round") == 1)
     assert rounds.height == 2 and set(rounds["labels_added"]) == {20}
@@ -168,7 +169,7 @@ def test_blocking_check_fails_when_positives_are_too_few(tmp_path):
     ]))
     env.seed(15, 100)
     env.run(["safety_classifiers"])
-    result = env.run(["safety_thresholds"], checks=[safety.safety_target_recall_reachable], raise_on_error=False)
+    result = env.run(["safety_thresholds"], checks=[safety_filter.safety_target_recall_reachable], raise_on_error=False)
     evaluation = {e.check_name: e for e in result.get_asset_check_evaluations()}["safety_target_recall_reachable"]
     assert not evaluation.passed
     assert "violence" in evaluation.description and "85 more positives" in evaluation.description
@@ -178,7 +179,7 @@ def test_blocking_check_fails_when_positives_are_too_few(tmp_path):
 
 
 def test_labels_cli_validates_and_round_trips_the_queue(env, tmp_path):
-    from curation_assets.safety_cli import labels as labels_cli
+    from curation_assets.cli import labels as labels_cli
 
     runner = CliRunner()
     root, config = env.storage.root, env.settings.config_path

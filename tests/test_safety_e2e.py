@@ -74,7 +74,7 @@ def test_active_learning_improves_precision_and_the_filter_accounts_for_every_sa
     # the last queue goes out as CSV with thumbnails read back from the tar shards
     from click.testing import CliRunner
 
-    from curation_assets.safety_cli import labels as labels_cli
+    from curation_assets.cli import labels as labels_cli
 
     out = tmp_path / "queue.csv"
     result = CliRunner().invoke(labels_cli, ["export-queue", "--root", str(storage.root_path), "--out", str(out),

@@ -22,7 +22,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import polars as pl
@@ -316,3 +316,103 @@ def drift_verdict(shard: str, version: str, counts: Mapping[str, Mapping[str, tu
     tripped = [r for r in rows if r["tripped"]]
     severity = ("ERROR" if any(r["severity"] == "ERROR" for r in tripped) else "WARN") if tripped else None
     return DriftVerdict(shard, version, "alert" if tripped else "ok", severity, ref, rows)
+
+
+STAGES = ("raw", "filtered", "filtered_reweighted", "deduplicated", "training_set", "training_set_weighted")
+"""The stages of the data at which the bias stage measures demographic ratios, in pipeline order."""
+
+
+@dataclass
+class ClipSettings:
+    enabled: bool = True
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    neutral: Optional[str] = "none"
+    min_probability: float = 0.5
+    logit_scale: float = 100.0
+
+
+@dataclass
+class ReweightSettings:
+    regularization: Optional[float] = None  # None / "auto": selected from regularization_grid
+    regularization_grid: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    selection: str = "balance"
+    balance_clusters: int = 16
+    max_weight: float = 10.0
+    max_train_per_class: int = 50_000
+    seed: int = 0
+
+
+@dataclass
+class BiasSettings:
+    """The validated ``bias:`` section (defaults in configs/bias.yaml)."""
+
+    confidence: float
+    caption_groups: dict[str, list[str]]
+    ratio_pairs: list[tuple[str, str]]
+    clip: ClipSettings
+    reweighting: ReweightSettings
+    drift: DriftSettings
+    drift_source: str
+    drift_stage: str
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "BiasSettings":
+        known = {"confidence", "caption_groups", "ratio_pairs", "clip", "reweighting", "drift"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"bias config: unknown keys {unknown}; known: {sorted(known)}")
+        from curation_assets.core.validation import ConfigError, check_fields, check_value
+
+        try:
+            check_value("bias.confidence", section.get("confidence", 0.95), float)
+            check_fields("bias.clip", ClipSettings, dict(section.get("clip") or {}))
+            check_fields("bias.reweighting", ReweightSettings, {
+                k: v for k, v in dict(section.get("reweighting") or {}).items() if not (k == "regularization" and v == "auto")})
+            check_fields("bias.drift", DriftSettings, {k: v for k, v in dict(section.get("drift") or {}).items()
+                                                             if k not in ("source", "stage")})
+        except ConfigError as exc:
+            raise ConfigError(f"bias config: {exc}") from None
+        try:
+            groups = {str(k): [str(w) for w in v] for k, v in dict(section.get("caption_groups") or {}).items()}
+            CaptionMatcher(groups)  # validates the word lists
+            pairs = [tuple(map(str, p)) for p in (section.get("ratio_pairs") or [])]
+            for pair in pairs:
+                if len(pair) != 2 or any(g not in groups for g in pair):
+                    raise ValueError(f"ratio pair {list(pair)} must name two groups of caption_groups {list(groups)}")
+            if not pairs:
+                names = list(groups)
+                pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+            clip = ClipSettings(**dict(section.get("clip") or {}))
+            rw_section = dict(section.get("reweighting") or {})
+            if rw_section.get("regularization") in ("auto", None):
+                rw_section["regularization"] = None
+            reweighting = ReweightSettings(**rw_section)
+            if reweighting.regularization is not None:
+                reweighting.regularization = float(reweighting.regularization)
+            reweighting.regularization_grid = [float(v) for v in reweighting.regularization_grid]
+            if (reweighting.regularization is not None and reweighting.regularization <= 0) or reweighting.max_weight <= 0:
+                raise ValueError("reweighting.regularization and reweighting.max_weight must be positive")
+            if not reweighting.regularization_grid or min(reweighting.regularization_grid) <= 0:
+                raise ValueError("reweighting.regularization_grid must be a non-empty list of positive penalties")
+            if reweighting.selection not in ("balance", "log_loss"):
+                raise ValueError(f"reweighting.selection must be balance or log_loss, got {reweighting.selection!r}")
+            if int(reweighting.balance_clusters) < 2:
+                raise ValueError("reweighting.balance_clusters must be at least 2")
+            drift_section = dict(section.get("drift") or {})
+            source = drift_section.pop("source", "caption")
+            stage = drift_section.pop("stage", "raw")
+            if source not in ("caption", "clip"):
+                raise ValueError(f"drift.source must be caption or clip, got {source!r}")
+            if stage not in STAGES:
+                raise ValueError(f"drift.stage must be one of {STAGES}, got {stage!r}")
+            drift = DriftSettings(**drift_section)
+            confidence = float(section.get("confidence", 0.95))
+            if not 0 < confidence < 1:
+                raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        except TypeError as exc:  # unknown keys inside a sub-section
+            raise ValueError(f"bias config: {exc}") from exc
+        return cls(confidence, groups, pairs, clip, reweighting, drift, source, stage)
+
+    @property
+    def matcher(self) -> CaptionMatcher:
+        return CaptionMatcher(self.caption_groups)

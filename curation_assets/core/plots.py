@@ -32,15 +32,29 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def markdown_table(df, digits: int = 4) -> str:
-    """A polars frame as a markdown table (``dg.MetadataValue.md``); floats to ``digits`` significant digits."""
+def figure_row(ncols: int, width: float = 4.2, height: float = 3.2):
+    """A figure with ``ncols`` axes side by side: ``(fig, axes)``."""
+    fig, axes = pyplot().subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def figure_markdown(fig, alt: str = "", dpi: int = 90) -> str:
+    """A figure as an inline markdown image (and closed)."""
+    return markdown_image(figure_png(fig, dpi=dpi), alt)
+
+
+def markdown_table(df, digits: int = 4, max_rows: int = 50) -> str:
+    """A polars frame as a markdown table (``dg.MetadataValue.md``); floats to ``digits`` significant digits,
+    at most ``max_rows`` rows (the rest counted below)."""
     def fmt(v) -> str:
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.{digits}g}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.head(max_rows).iter_rows()]
+    if df.height > max_rows:
+        lines.append(f"\n({df.height - max_rows} more rows)")
     return "\n".join(lines)
 
 

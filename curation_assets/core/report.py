@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import polars as pl
-from curation_assets.core.plots import png_data_uri  # noqa: F401  (re-exported for the report pages)
 from markupsafe import Markup
+
+from curation_assets.core.plots import png_data_uri  # noqa: F401  (re-exported for the report pages)
 
 
 REPORT_PAGE = "curation_report.html"
@@ -185,17 +186,3 @@ def write_page(path: str | Path, page: str) -> Path:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def markdown_table(df: pl.DataFrame, digits: int = 3, max_rows: int = 50) -> str:
-    """A frame as a markdown table for Dagster metadata."""
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for row in df.head(max_rows).iter_rows():
-        lines.append("| " + " | ".join(_cell(v, digits)[0] for v in row) + " |")
-    if df.height > max_rows:
-        lines.append(f"\n({df.height - max_rows} more rows)")
-    return "\n".join(lines)
-
-
-def markdown_png(png: bytes, alt: str = "plot") -> str:
-    return f"![{alt}]({png_data_uri(png)})"

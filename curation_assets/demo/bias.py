@@ -8,7 +8,8 @@ from pathlib import Path
 
 import polars as pl
 
-from curation_assets.bias import STAGES, WEIGHTS, read_overall
+from curation_assets.bias import WEIGHTS, read_overall
+from curation_assets.core.demographics import STAGES
 from resources.storage import DeltaStorage
 
 def config(corpus_dir: Path) -> dict:

@@ -15,8 +15,9 @@ import polars as pl
 from curation_assets.core import labels as labels_core
 from curation_assets.core.safety import ProbeBank, SafetyConfig
 from curation_assets.core.thresholds import precision_at_recall
-from curation_assets.safety import (LABELS, ROUNDS, import_label_rows, latest_queue, load_classifiers, load_oof,
-                                    read_label_history, read_thresholds, safety_config)
+from curation_assets.safety import ROUNDS, latest_queue, load_classifiers, load_oof
+from curation_assets.safety_filter import read_thresholds
+from curation_assets.safety_labels import LABELS, import_label_rows, read_label_history, safety_config
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 

@@ -1,0 +1,164 @@
+"""``dataset_census``: counts, sizes, caption lengths, safety scores, duplicate rate, caption demographics and
+face counts, per shard and overall, with a page of plots; the measures are ``core/census.py``."""
+
+import json
+
+import dagster as dg
+import polars as pl
+
+from curation_assets.audits import CENSUS_PAGE, CensusConfig, audits_config
+from curation_assets.core import report as rpt
+from curation_assets.core.plots import markdown_image, markdown_table
+from resources.settings import CurationSettings
+from resources.shard_source import ShardSource
+from resources.storage import DeltaStorage
+
+
+@dg.asset(
+    deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("safety_scores", partition_mapping=dg.AllPartitionMapping()), "dedup_groups"],
+    group_name="audits",
+    kinds={"deltalake", "opencv", "html"},
+)
+def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
+                   shard_source: ShardSource) -> dg.MaterializeResult:
+    """What the dataset holds, per shard and overall: samples per ingest status, image sizes, caption
+    lengths, safety score distributions, the duplicate rate, demographic words in captions (the bias
+    stage's word lists) and frontal faces found by OpenCV's Haar cascade on a sample of images. Table
+    ``dataset_census``: one row per shard (and ``all``); details as parquet and plots under
+    artifacts/dataset_census; page: reports/census.html."""
+    from curation_assets.core import census
+
+    cfg = audits_config(settings).census
+    samples = storage.read("samples")
+    out_dir = storage.artifact_dir("dataset_census")
+    frames: dict[str, pl.DataFrame] = {
+        "status_counts": census.status_counts(samples),
+        "distributions": census.size_and_caption_stats(samples),
+    }
+    bias_groups = settings.section("bias").get("caption_groups") or None
+    frames["demographic_words"] = census.demographic_word_frequencies(samples, bias_groups)
+    plots: dict[str, bytes] = {}
+    ok = samples.filter(pl.col("status") == "ok")
+    plots["image_sizes"] = census.histogram_png({"width": ok["width"].to_numpy(), "height": ok["height"].to_numpy()},
+                                                "image size", "pixels")
+    plots["caption_length"] = census.histogram_png({"words": ok["caption"].fill_null("").str.split(" ").list.len().to_numpy()},
+                                                   "caption length", "words")
+    notes: dict[str, str] = {}
+    scores = storage.read_if_exists("safety_scores")
+    if scores is not None:
+        frames["safety_scores"] = census.category_score_summary(scores)
+        by_category = {c: part["score"].to_numpy() for (c,), part in scores.group_by(["category"], maintain_order=True)}
+        if by_category:
+            plots["safety_scores"] = census.histogram_png(dict(sorted(by_category.items())),
+                                                          "safety scores per category", "score", log=True)
+    else:
+        notes["safety_scores"] = "safety_scores not materialised (safety stage not run)"
+    groups = storage.read_if_exists("dedup_groups")
+    if groups is not None and {"uid", "group_id", "is_representative"} <= set(groups.columns):
+        frames["duplicates"] = census.duplicate_rate(groups, samples)
+    else:
+        notes["duplicates"] = "dedup_groups not materialised (dedup stage not run)"
+
+    faces = _face_counts(context, samples, shard_source, cfg)
+    if faces.height:
+        frames["faces"] = census.face_summary(faces)
+        plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
+                                              "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
+    words = frames["demographic_words"].filter((pl.col("shard") == "all") & pl.col("word").is_null())
+    plots["demographic_words"] = census.bar_png(words["group"].to_list(), (words["share"].fill_null(0) * 100).to_list(),
+                                                "captions mentioning a group", "% of captioned samples")
+
+    for name, frame in frames.items():
+        frame.write_parquet(out_dir / f"{name}.parquet")
+    for name, png in plots.items():
+        (out_dir / f"{name}.png").write_bytes(png)
+    (out_dir / "notes.json").write_text(json.dumps(notes))
+
+    per_shard = _census_table(frames)
+    storage.write_table("dataset_census", per_shard)
+    page = storage.reports_dir() / CENSUS_PAGE
+    rpt.write_page(page, rpt.render_page("Dataset census", census_sections(storage), subtitle=f"{samples.height} samples"))
+    total = per_shard.filter(pl.col("shard") == "all").row(0, named=True)
+    return dg.MaterializeResult(metadata={
+        **storage.table_metadata("dataset_census", "census"),
+        "dagster/row_count": per_shard.height,
+        "samples": samples.height,
+        "ok": int(total.get("ok") or 0),
+        "rejected": int(total.get("rejected") or 0),
+        "per_shard": dg.MetadataValue.md(markdown_table(per_shard)),
+        "plots": dg.MetadataValue.md("\n\n".join(markdown_image(p, n) for n, p in plots.items())),
+        "page": dg.MetadataValue.path(str(page)),
+        **({"not run": ", ".join(notes.values())} if notes else {}),
+    })
+
+
+def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg: CensusConfig) -> pl.DataFrame:
+    from curation_assets.core import census
+    from curation_assets.core.shards import read_images
+
+    schema = {"shard": pl.String, "uid": pl.String, "faces": pl.Int64}
+    if cfg.face_sample_per_shard <= 0:
+        return pl.DataFrame(schema=schema)
+    detector = census.face_detector()
+    rows = []
+    ok = samples.filter(pl.col("status") == "ok").select("uid", "shard", "image_member")
+    for (shard,), part in sorted(ok.partition_by("shard", as_dict=True).items()):
+        part = part.sample(min(cfg.face_sample_per_shard, part.height), seed=cfg.seed).sort("uid")
+        try:
+            blobs = read_images(shard_source.get(shard).tar, part["image_member"].to_list())
+        except FileNotFoundError:
+            context.log.warning(f"census: shard {shard} tar is gone; no face counts for it")
+            continue
+        members = [m for m in part["image_member"].to_list() if m in blobs]
+        counts = census.count_faces([blobs[m] for m in members], detector, cfg.face_max_side)
+        uid_of = dict(zip(part["image_member"].to_list(), part["uid"].to_list()))
+        rows += [{"shard": shard, "uid": uid_of[m], "faces": c} for m, c in zip(members, counts)]
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _census_table(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    counts = frames["status_counts"].pivot(on="status", index="shard", values="n").fill_null(0)
+    for status in ("ok", "rejected"):
+        if status not in counts.columns:
+            counts = counts.with_columns(pl.lit(0).alias(status))
+    counts = counts.with_columns(samples=pl.sum_horizontal(pl.exclude("shard")))
+    dist = frames["distributions"].filter(pl.col("metric").is_in(["width", "height", "caption_words"]))
+    wide = dist.select("shard", "metric", "p50").pivot(on="metric", index="shard", values="p50")
+    wide = wide.rename({c: f"median_{c}" for c in wide.columns if c != "shard"})
+    table = counts.join(wide, on="shard", how="left")
+    words = frames["demographic_words"].filter(pl.col("word").is_null())
+    if words.height:
+        table = table.join(words.pivot(on="group", index="shard", values="share")
+                           .rename(lambda c: c if c == "shard" else f"share_{c}"), on="shard", how="left")
+    if "duplicates" in frames:
+        table = table.join(frames["duplicates"].select("shard", "duplicate_rate"), on="shard", how="left")
+    if "faces" in frames:
+        table = table.join(frames["faces"].select("shard", "share_with_face", "mean_faces"), on="shard", how="left")
+    order = pl.when(pl.col("shard") == "all").then(1).otherwise(0)
+    return table.sort(order, "shard")
+
+
+def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
+    """The census as page sections, from the artefacts ``dataset_census`` wrote."""
+    out_dir = storage.root_path / "artifacts" / "dataset_census"
+    table = storage.read_if_exists("dataset_census")
+    if table is None:
+        return [rpt.Section("census", "Dataset census", missing="dataset_census not materialised (stage not run)")]
+    notes = json.loads((out_dir / "notes.json").read_text()) if (out_dir / "notes.json").is_file() else {}
+    plots = [rpt.plot_html(p.read_bytes(), p.stem) for p in sorted(out_dir.glob("*.png"))]
+    sections = [rpt.Section("census", "Dataset census", blocks=[rpt.table_html(table), *plots], notes=list(notes.values()))]
+    titles = {"distributions": "Image size and caption length", "safety_scores": "Safety score distributions",
+              "duplicates": "Duplicate rate", "demographic_words": "Demographic words in captions",
+              "faces": "Faces (OpenCV Haar cascade, sampled images)"}
+    for name, title in titles.items():
+        path = out_dir / f"{name}.parquet"
+        if path.is_file():
+            frame = pl.read_parquet(path)
+            if name == "demographic_words":
+                frame = frame.filter(pl.col("shard") == "all")
+            sections.append(rpt.Section(f"census-{name}", title, blocks=[rpt.table_html(frame)]))
+    return sections
+
+
+defs = dg.Definitions(assets=[dataset_census])
