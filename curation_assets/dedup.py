@@ -97,13 +97,9 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     labels = labels_matrix(storage, ids, dict(zip(centroids["clustering"], centroids["version"])))
     load_seconds = time.perf_counter() - started
 
-    found, per_clustering, stats = [], [], core.PairSearchStats()
-    for c in range(N_CLUSTERINGS):
-        pairs = core.within_cluster_pairs(x, labels[:, c], threshold, cfg.row_block, cfg.col_block, cfg.max_pairs, stats)
-        found.append(pairs)
-        per_clustering.append(len(pairs[0]))
-        context.log.info(f"clustering {c + 1}: {len(pairs[0])} pairs at cosine >= {threshold}")
-    a, b, sim, mask = core.union_pairs(found, len(ids))
+    found = core.search_clusterings(x, labels, threshold, cfg, context.log.info)
+    a, b, sim, mask, per_clustering, stats = (found.a, found.b, found.similarity, found.mask, found.per_clustering,
+                                              found.stats)
     uids = ids["uid"]
     ua, ub = uids.gather(a), uids.gather(b)
     swap = (ua > ub).to_numpy() if len(a) else np.zeros(0, bool)

@@ -351,6 +351,34 @@ def union_pairs(
     return ukey // n, ukey % n, sim[first], merged.astype(np.uint8)
 
 
+@dataclass
+class ClusteredPairs:
+    """The pairs found by the within-cluster search of every clustering, unioned (see :func:`union_pairs`)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    similarity: np.ndarray
+    mask: np.ndarray
+    per_clustering: list[int]
+    stats: PairSearchStats
+
+
+def search_clusterings(x: np.ndarray, labels: np.ndarray, threshold: float, settings: "DedupSettings",
+                       log: Callable[[str], None] | None = None) -> ClusteredPairs:
+    """Stage 1 of ``duplicate_pairs``: every pair with cosine >= ``threshold`` inside a cluster of any
+    clustering (``labels``: n x clusterings), unioned. The asset and the benchmarks both call this."""
+    found, counts, stats = [], [], PairSearchStats()
+    for c in range(labels.shape[1]):
+        pairs = within_cluster_pairs(x, labels[:, c], threshold, settings.row_block, settings.col_block,
+                                     settings.max_pairs, stats)
+        found.append(pairs)
+        counts.append(len(pairs[0]))
+        if log:
+            log(f"clustering {c + 1}: {len(pairs[0])} pairs at cosine >= {threshold}")
+    a, b, sim, mask = union_pairs(found, len(x))
+    return ClusteredPairs(a, b, sim, mask, counts, stats)
+
+
 def mask_to_list(mask: np.ndarray, n_clusterings: int) -> list[list[int]]:
     """Bit masks as lists of clustering numbers (1-based)."""
     bits = [(c + 1, 1 << c) for c in range(n_clusterings)]
@@ -526,18 +554,17 @@ class DedupResult:
 
 def run_dedup(x: np.ndarray, threshold: float, settings: DedupSettings | None = None, n_clusterings: int = 5,
               kmeans: KMeansFn | None = None, log: Callable[[str], None] | None = None) -> DedupResult:
-    """The whole search in memory (what the assets do in steps): fit, assign, search, union, components.
-
-    Used by the benchmarks and tests; the Dagster assets call the same functions one step at a time."""
+    """The whole search in memory, through the functions the assets call one step at a time:
+    ``kmeans_centroids`` (:func:`default_k`, :func:`clustering_seed`, :func:`fit_subset`,
+    :func:`fit_centroids`), ``cluster_assignments`` (:func:`assign`), ``duplicate_pairs``
+    (:func:`search_clusterings`) and ``dedup_groups`` (:func:`connected_components`). Used by the benchmarks
+    and tests."""
     settings = settings or DedupSettings()
     n = len(x)
     k = default_k(n, settings.k_max, settings.min_points_per_centroid)
     seconds: dict[str, float] = {"fit": 0.0, "assign": 0.0, "search": 0.0}
     labels = np.empty((n, n_clusterings), dtype=np.int32)
     centroids = []
-    found = []
-    counts = []
-    stats = PairSearchStats()
     for c in range(1, n_clusterings + 1):
         seed = clustering_seed(settings.seed, c)
         t = time.perf_counter()
@@ -547,22 +574,16 @@ def run_dedup(x: np.ndarray, threshold: float, settings: DedupSettings | None = 
         t = time.perf_counter()
         labels[:, c - 1], _ = assign(x, cents)
         seconds["assign"] += time.perf_counter() - t
-        t = time.perf_counter()
-        pairs = within_cluster_pairs(x, labels[:, c - 1], threshold, settings.row_block, settings.col_block,
-                                     settings.max_pairs, stats)
-        seconds["search"] += time.perf_counter() - t
         centroids.append(cents)
-        found.append(pairs)
-        counts.append(len(pairs[0]))
-        if log:
-            log(f"clustering {c}: K={len(cents)}, {len(pairs[0])} pairs")
     t = time.perf_counter()
-    a, b, s, mask = union_pairs(found, n)
-    component = connected_components(n, a, b)
+    found = search_clusterings(x, labels, threshold, settings, log)
+    seconds["search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    component = connected_components(n, found.a, found.b)
     seconds["union_components"] = time.perf_counter() - t
-    return DedupResult(threshold=threshold, k=k, centroids=centroids, labels=labels, pair_a=a, pair_b=b,
-                       pair_sim=s, pair_mask=mask, component=component, seconds=seconds,
-                       per_clustering_pairs=counts, search_stats=stats)
+    return DedupResult(threshold=threshold, k=k, centroids=centroids, labels=labels, pair_a=found.a,
+                       pair_b=found.b, pair_sim=found.similarity, pair_mask=found.mask, component=component,
+                       seconds=seconds, per_clustering_pairs=found.per_clustering, search_stats=found.stats)
 
 
 def group_frame(uids: Sequence[str], component: np.ndarray):

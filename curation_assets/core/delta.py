@@ -75,17 +75,32 @@ def replace_where(path: str | Path, df: pl.DataFrame, column: str, value: str | 
     """Replace the rows whose ``column`` equals ``value`` (the table is partitioned by ``column``) with ``df``,
     in one Delta commit; the rest of the table is untouched, so concurrent writers of different keys never
     lose each other's rows (the loser of a commit race retries against the new table state)."""
-    from deltalake import write_deltalake
-
     others = df.filter(pl.col(column) != value).height
     if others:
         raise ValueError(f"{path}: {others} rows do not belong to {column} = {value!r}")
+    return _overwrite_where(path, df, f"{column} = {_literal(value)}", [column])
+
+
+def replace_in(path: str | Path, df: pl.DataFrame, column: str, values: Sequence[str | int]) -> int:
+    """Replace the rows whose ``column`` is one of ``values`` with ``df`` in one commit, in a small table that
+    is not partitioned by ``column`` (one row per key, e.g. per clustering); retried like
+    :func:`replace_where`."""
+    values = list(values)
+    others = df.filter(~pl.col(column).is_in(values)).height
+    if others:
+        raise ValueError(f"{path}: {others} rows do not belong to {column} in {values!r}")
+    return _overwrite_where(path, df, f"{column} IN ({', '.join(_literal(v) for v in values)})", None)
+
+
+def _overwrite_where(path: str | Path, df: pl.DataFrame, predicate: str, partition_by: list[str] | None) -> int:
+    """One commit replacing the rows matching ``predicate`` with ``df``; creates the table when missing."""
+    from deltalake import write_deltalake
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     data = _arrow(df)
-    predicate = f"{column} = {_literal(value)}"
 
     def overwrite():
-        write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=[column])
+        write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=partition_by)
 
     def write():
         if table_exists(path):
@@ -93,33 +108,7 @@ def replace_where(path: str | Path, df: pl.DataFrame, column: str, value: str | 
         with _creating(path):  # two first writers at once would otherwise both create version 0's rows
             if table_exists(path):
                 return overwrite()
-            write_deltalake(str(path), data, mode="error", partition_by=[column])
-
-    _retrying(write, f"{predicate} of {path}")
-    return df.height
-
-
-def replace_in(path: str | Path, df: pl.DataFrame, column: str, values: Sequence[str | int]) -> int:
-    """Replace the rows whose ``column`` is one of ``values`` with ``df`` in one commit, in a small table that
-    is not partitioned by ``column`` (one row per key, e.g. per clustering); retried like
-    :func:`replace_where`."""
-    from deltalake import write_deltalake
-
-    values = list(values)
-    others = df.filter(~pl.col(column).is_in(values)).height
-    if others:
-        raise ValueError(f"{path}: {others} rows do not belong to {column} in {values!r}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    data = _arrow(df)
-    predicate = f"{column} IN ({', '.join(_literal(v) for v in values)})"
-
-    def write():
-        if table_exists(path):
-            return write_deltalake(str(path), data, mode="overwrite", predicate=predicate)
-        with _creating(path):
-            if table_exists(path):
-                return write_deltalake(str(path), data, mode="overwrite", predicate=predicate)
-            write_deltalake(str(path), data, mode="error")
+            write_deltalake(str(path), data, mode="error", partition_by=partition_by)
 
     _retrying(write, f"{predicate} of {path}")
     return df.height
