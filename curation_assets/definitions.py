@@ -21,8 +21,8 @@ from typing import Any
 import dagster as dg
 
 from curation_assets import (bias, bias_drift, bias_weights, clip_bias_audit, dataset_census, dedup, dedup_clusters,
-                             dedup_recall, embeddings, ingest, regurgitation_audit, report, safety, safety_filter,
-                             safety_labels, sensors, training_set)
+                             dedup_recall, embeddings, image_attributes, ingest, regurgitation_audit, report, safety,
+                             safety_filter, safety_labels, sensors, training_set)
 from curation_assets.automation import with_automation
 from curation_assets.config import validate_settings, with_settings_versions
 from resources.alerts import alert_sink_from_env
@@ -32,8 +32,9 @@ from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
 
-STAGES = (ingest, embeddings, safety_labels, safety, safety_filter, dedup_clusters, dedup, dedup_recall, bias,
-          bias_weights, bias_drift, training_set, regurgitation_audit, dataset_census, report, sensors)
+STAGES = (ingest, embeddings, image_attributes, safety_labels, safety, safety_filter, dedup_clusters, dedup,
+          dedup_recall, bias, bias_weights, bias_drift, training_set, regurgitation_audit, dataset_census, report,
+          sensors)
 """Stage modules with a module-level ``defs``; ``clip_bias_audit.build_defs`` depends on the settings."""
 
 

@@ -174,6 +174,22 @@ def _ratio_rows(df: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows).sort("source", "group", "_order").drop("_order") if rows else pl.DataFrame()
 
 
+def _sources_side_by_side(view: pl.DataFrame) -> pl.DataFrame | None:
+    """One row per stage and ratio, one column per attribute source, when more than one source measured it."""
+    from curation_assets.core.demographics import STAGES
+
+    if not {"kind", "source", "stage", "group", "value"} <= set(view.columns):
+        return None
+    ratios = view.filter(pl.col("kind") == "ratio")
+    if ratios["source"].n_unique() < 2:
+        return None
+    shown = ratios.select("stage", "group", "source", pl.struct("value", "low", "high").map_elements(
+        lambda r: rpt.fmt_interval(r["value"], r["low"], r["high"]), return_dtype=pl.String).alias("ratio"))
+    wide = shown.pivot(on="source", index=["stage", "group"], values="ratio", aggregate_function="first")
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    return wide.with_columns(pl.col("stage").replace_strict(order, default=99).alias("_o")).sort("group", "_o").drop("_o")
+
+
 def bias_section(storage) -> rpt.Section:
     df = storage.read_if_exists("overall_demographic_ratios")
     if df is None:
@@ -189,6 +205,11 @@ def bias_section(storage) -> rpt.Section:
         view = df.filter(pl.col("shard").is_in(["_overall", "all", "overall"]))
         caption = "all shards together (shard _overall)"
     blocks = [rpt.table_html(_ratio_rows(view), caption=caption)]
+    side = _sources_side_by_side(view)
+    if side is not None:
+        blocks.insert(0, Markup("<h3>Captions and images side by side</h3>") + rpt.table_html(side))
+        notes.append("image = faces the face model estimates female / male on a sample of each shard "
+                     "(image_attributes); caption = the configured word lists")
     if "kind" in view.columns and {"low", "high"} <= set(view.columns):
         shares = view.filter(pl.col("kind") == "share").select(
             "source", "stage", "group", pl.struct("value", "low", "high").map_elements(
@@ -366,6 +387,8 @@ def near_threshold_html(storage, shard_source, per_side: int = 4) -> Markup | No
     scores, thresholds = storage.read_if_exists("safety_scores"), storage.read_if_exists("safety_thresholds")
     if scores is None or thresholds is None or scores.height == 0:
         return None
+    if "scorer" in scores.columns:
+        scores = scores.filter(pl.col("scorer") == "classifier")
     picks = []
     for r in thresholds.iter_rows(named=True):
         part = scores.filter(pl.col("category") == r["category"])

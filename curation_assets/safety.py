@@ -41,6 +41,7 @@ from curation_assets.safety_labels import (AWAITING, GROUP, LABELS, NEXT_STEP, a
                                            label_readiness, labels_in_force, read_label_history, safety_config)
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
+from curation_assets.core.safety import Category, PRIORS
 
 ROUNDS = "active_learning_rounds"
 ALL_SHARDS = dg.AllPartitionMapping()
@@ -314,7 +315,9 @@ def _write_queue(storage: DeltaStorage, rows: list[dict], round_no: int) -> pl.D
 def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: SafetyConfig) -> dg.MaterializeResult:
     """The first labelling batch, before any classifier exists: a diverse sample over k-means regions of a
     bounded random sample of the embeddings (:func:`core.active_learning.diverse_sample`), so the first labels
-    cover the data. Every image is queued for every category (one labelling pass answers all of them)."""
+    cover the data. Every image is queued for every category (one labelling pass answers all of them). A
+    category with a pretrained prior also gets the images its prior scores highest and those at its decision
+    boundary (:func:`prior_picks`), so the first batch holds positives even when they are rare."""
     from curation_assets.core.active_learning import diverse_sample
 
     al = cfg.active_learning
@@ -340,11 +343,16 @@ def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: 
     x = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
     rows_idx, region = diverse_sample(x, al.batch_size, al.seed + round_no)
     now = labels_core.utcnow()
-    rows = [{"round": round_no, "category": category.name, "rank": rank, "uid": uids[i], "shard": uids[i].split("/", 1)[0],
-             "procedure": "diverse", "score": None, "threshold": None,
-             "why": f"nearest to the centre of a k-means region holding {size} of {len(uids)} sampled images",
-             "classifier_version": None, "created_at": now}
-            for category in cfg.categories for rank, (i, size) in enumerate(zip(rows_idx.tolist(), region.tolist()))]
+    rows = []
+    for category in cfg.categories:
+        picks = prior_picks(storage, category, labelled, al.batch_size // 4)
+        diverse = [{"uid": uids[i], "procedure": "diverse", "score": None, "threshold": None,
+                    "why": f"nearest to the centre of a k-means region holding {size} of {len(uids)} sampled images",
+                    "classifier_version": None} for i, size in zip(rows_idx.tolist(), region.tolist())]
+        taken = {p["uid"] for p in picks}
+        for rank, pick in enumerate(picks + [d for d in diverse if d["uid"] not in taken]):
+            rows.append({"round": round_no, "category": category.name, "rank": rank, "shard": pick["uid"].split("/", 1)[0],
+                         "created_at": now, **pick})
     queue = _write_queue(storage, rows, round_no)
     readiness = label_readiness(storage, cfg)
     context.log.info(f"round {round_no}: no classifier yet; queued {len(rows_idx)} diverse images for "
@@ -358,6 +366,27 @@ def _first_queue(context: dg.AssetExecutionContext, storage: DeltaStorage, cfg: 
         "next_step": dg.MetadataValue.text(NEXT_STEP),
         "table": dg.MetadataValue.path(str(storage.table_path("labeling_queue"))),
     })
+
+
+def prior_picks(storage: DeltaStorage, category: Category, labelled: set[str], per_kind: int) -> list[dict]:
+    """Queue rows from a category's pretrained prior (``image_attributes``): the ``per_kind`` unlabelled images
+    it scores highest, then the ``per_kind`` nearest its 0.5 decision boundary. Empty without a prior or
+    before ``image_attributes`` ran."""
+    if not category.prior or per_kind <= 0 or not storage.exists("image_attributes"):
+        return []
+    column = PRIORS[category.prior]
+    scored = (storage.scan("image_attributes").select("uid", column, "nsfw_model")
+              .filter(pl.col(column).is_not_null() & ~pl.col("uid").is_in(list(labelled))).collect())
+    top = scored.sort(column, "uid", descending=[True, False]).head(per_kind)
+    rest = scored.join(top.select("uid"), on="uid", how="anti")
+    boundary = (rest.with_columns((pl.col(column) - 0.5).abs().alias("_d")).sort("_d", "uid").head(per_kind)
+                .drop("_d"))
+    rows = []
+    for kind, frame, why in (("prior_top", top, "among the highest"), ("prior_boundary", boundary, "nearest 0.5")):
+        rows += [{"uid": r["uid"], "procedure": kind, "score": float(r[column]), "threshold": None,
+                  "why": f"{category.prior} prior score {r[column]:.3f}, {why} of {scored.height} measured images",
+                  "classifier_version": r["nsfw_model"]} for r in frame.iter_rows(named=True)]
+    return rows
 
 
 def latest_queue(storage: DeltaStorage) -> pl.DataFrame:

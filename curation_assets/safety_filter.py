@@ -27,6 +27,7 @@ from curation_assets.safety_labels import (AWAITING, GROUP, LABELS, NEXT_STEP, a
                                            label_readiness, labels_in_force, safety_config)
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
+from curation_assets.core.safety import Category, PRIORS
 
 
 @dg.asset(group_name=GROUP, deps=["safety_classifiers"], kinds={"delta"})
@@ -119,7 +120,30 @@ def safety_recall_lower_bound(storage: DeltaStorage, settings: CurationSettings)
 
 
 SCORES_SCHEMA = {"uid": pl.String, "shard": pl.String, "category": pl.String, "score": pl.Float32,
-                 "held_out": pl.Boolean, "threshold": pl.Float64, "flagged": pl.Boolean, "classifier_version": pl.String}
+                 "held_out": pl.Boolean, "threshold": pl.Float64, "flagged": pl.Boolean, "classifier_version": pl.String,
+                 "scorer": pl.String}
+CLASSIFIER = "classifier"
+
+
+def prior_scores(storage: DeltaStorage, shard: str, categories: Sequence[Category]) -> pl.DataFrame:
+    """Rows of ``safety_scores`` from each category's pretrained prior (``scorer`` = ``prior:<name>``), for the
+    images of the shard ``image_attributes`` measured. ``flagged`` only where ``prior_threshold`` is set."""
+    with_prior = [c for c in categories if c.prior]
+    if not with_prior or not storage.exists("image_attributes"):
+        return pl.DataFrame(schema=SCORES_SCHEMA)
+    measured = storage.scan("image_attributes", [shard]).collect()
+    frames = []
+    for category in with_prior:
+        column = PRIORS[category.prior]
+        rows = measured.filter(pl.col(column).is_not_null())
+        threshold = category.prior_threshold
+        frames.append(rows.select(
+            "uid", "shard", pl.lit(category.name).alias("category"), pl.col(column).cast(pl.Float32).alias("score"),
+            pl.lit(False).alias("held_out"), pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
+            ((pl.col(column) >= threshold) if threshold is not None else pl.lit(False)).alias("flagged"),
+            pl.col("nsfw_model").alias("classifier_version"), pl.lit(f"prior:{category.prior}").alias("scorer"),
+        ).cast(SCORES_SCHEMA))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=SCORES_SCHEMA)
 
 
 def _histograms(frames: dict[str, np.ndarray], thresholds: dict[str, float]) -> str:
@@ -145,10 +169,12 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
     whether it is flagged (score >= threshold). Long format: one row per (uid, category). The classifier
     version is the one the thresholds were chosen for; it is loaded once per step. Samples the classifier was
     trained on carry their cross-validated (held-out) score instead (``held_out`` true), the same kind of
-    score the threshold was chosen on. Before the first thresholds exist it writes nothing and says it is
-    awaiting labels."""
+    score the threshold was chosen on. ``scorer`` is ``classifier``; a category with a pretrained prior also
+    gets ``prior:<name>`` rows for the images ``image_attributes`` measured, to compare with the classifier.
+    Before the first thresholds exist it writes nothing and says it is awaiting labels."""
     if not storage.exists("safety_thresholds"):
         return awaiting_result(label_readiness(storage, safety_config(settings)), "safety_scores")
+    cfg = safety_config(settings)
     thresholds = read_thresholds(storage)
     version = thresholds["classifier_version"][0]
     probes, manifest, directory = load_classifiers(storage, version)
@@ -162,7 +188,7 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
     if missing:
         raise dg.Failure(f"no thresholds for {missing}: re-materialise safety_thresholds")
     all_scores = {c: [] for c in bank.categories}
-    total = 0
+    total = priors = 0
     for shard in partition_keys(context):
         ids, X = storage.load_embeddings([shard])
         encoders = ids["encoder"].unique().to_list()
@@ -190,9 +216,12 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
                 pl.lit(thr[name], dtype=pl.Float64).alias("threshold"),
                 (pl.col("score") >= thr[name]).alias("flagged"),
                 pl.lit(version, dtype=pl.String).alias("classifier_version"),
+                pl.lit(CLASSIFIER).alias("scorer"),
             ).select(list(SCORES_SCHEMA)).cast(SCORES_SCHEMA))
             all_scores[name].append(frames[-1]["score"].to_numpy())
-        storage.write_shard("safety_scores", pl.concat(frames), shard)
+        prior = prior_scores(storage, shard, cfg.categories)
+        priors += prior.height
+        storage.write_shard("safety_scores", pl.concat([*frames, prior]), shard)
         total += len(ids)
         context.log.info(f"shard {shard}: scored {len(ids)} samples")
     merged = {c: np.concatenate(v) if v else np.zeros(0) for c, v in all_scores.items()}
@@ -200,6 +229,7 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("safety_scores", "safety-thresholds"),
         "samples_scored": total,
+        "prior_rows": priors,
         "classifier_version": version,
         **{f"{c}_flag_rate": dg.MetadataValue.float(r) for c, r in rates.items()},
         "score_histograms": dg.MetadataValue.md(_histograms(merged, thr)) if total else "no samples",
@@ -214,12 +244,13 @@ def filter_shard(samples: pl.DataFrame, scores: pl.DataFrame, current: pl.DataFr
     """The filter decision for one shard's samples: every row of ``samples`` exactly once.
 
     Reasons: "rejected" (failed ingest), "no_embedding" (ok but never scored), and each category whose
-    classifier flags the sample or whose latest human label is positive. A human negative label clears the
-    classifier's flag only with ``trust_negative_labels``. A sample is kept when it has no reason.
+    classifier flags the sample or whose latest human label is positive (a prior flags only where its
+    ``prior_threshold`` is configured). A human negative label clears the classifier's flag only with
+    ``trust_negative_labels``. A sample is kept when it has no reason.
     """
     base = samples.select("uid", "shard", "status")
     flagged = (scores.filter(pl.col("category").is_in(list(categories)))
-               .select("uid", "category", "flagged"))
+               .group_by("uid", "category").agg(pl.col("flagged").any()))
     labelled = current.filter(pl.col("category").is_in(list(categories))).select("uid", "category", "label")
     decisions = flagged.join(labelled, on=["uid", "category"], how="full", coalesce=True)
     positive = pl.col("flagged").fill_null(False) | (pl.col("label") == 1).fill_null(False)
@@ -228,7 +259,8 @@ def filter_shard(samples: pl.DataFrame, scores: pl.DataFrame, current: pl.DataFr
             pl.col("flagged").fill_null(False))
     reasons = (decisions.filter(positive).sort("category")
                .group_by("uid").agg(pl.col("category").alias("category_reasons")))
-    scored = scores.select("uid").unique()
+    classifier = scores.filter(pl.col("scorer") == CLASSIFIER) if "scorer" in scores.columns else scores
+    scored = classifier.select("uid").unique()
     out = (base.join(reasons, on="uid", how="left")
            .join(scored.with_columns(pl.lit(True).alias("scored")), on="uid", how="left")
            .with_columns(
@@ -258,7 +290,7 @@ def filtered_samples(context: dg.AssetExecutionContext, storage: DeltaStorage,
     reason_counts: dict[str, int] = {}
     for shard in partition_keys(context):
         samples = storage.read("samples", [shard], columns=["uid", "shard", "status"])
-        scores = storage.read("safety_scores", [shard], columns=["uid", "category", "flagged"])
+        scores = storage.read("safety_scores", [shard], columns=["uid", "category", "flagged", "scorer"])
         out = filter_shard(samples, scores, current.filter(pl.col("uid").str.starts_with(f"{shard}/")),
                            cfg.names, cfg.trust_negative_labels)
         if out.height != samples.height or out["uid"].n_unique() != samples["uid"].n_unique():

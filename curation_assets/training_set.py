@@ -21,7 +21,10 @@ ALL_SHARDS = dg.AllPartitionMapping()
 def _max_safety_score(storage: DeltaStorage) -> pl.DataFrame | None:
     if not storage.exists("safety_scores"):
         return None
-    return (storage.scan("safety_scores").group_by("uid")
+    scores = storage.scan("safety_scores")
+    if "scorer" in scores.collect_schema().names():
+        scores = scores.filter(pl.col("scorer") == "classifier")
+    return (scores.group_by("uid")
             .agg(pl.col("score").cast(pl.Float64).max().alias("safety_score")).collect())
 
 

@@ -8,10 +8,12 @@ and returns plain frames, so the census runs the same outside Dagster.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
+
 from curation_assets.core.plots import figure_png, pyplot
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
@@ -124,6 +126,9 @@ def category_score_summary(scores: pl.DataFrame) -> pl.DataFrame:
             pl.col("score").quantile(0.99).alias("p99"), pl.col("score").max().cast(pl.Float64).alias("max")]
     if "flagged" in scores.columns:
         aggs.append(pl.col("flagged").cast(pl.Float64).mean().alias("flagged_share"))
+    if "scorer" in scores.columns:  # a pretrained prior is its own row beside the classifier: "sexual (prior:...)"
+        scores = scores.with_columns(pl.when(pl.col("scorer") == "classifier").then(pl.col("category"))
+                                     .otherwise(pl.format("{} ({})", "category", "scorer")).alias("category"))
     per = scores.group_by("category", "shard").agg(aggs)
     total = scores.group_by("category").agg(aggs).with_columns(shard=pl.lit("all"))
     out = pl.concat([per, total.select(per.columns)]).with_columns(pl.exclude("category", "shard").cast(pl.Float64))
@@ -180,3 +185,53 @@ def bar_png(labels: Sequence[str], values: Sequence[float], title: str, ylabel: 
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def attribute_summary(images: pl.DataFrame, faces: pl.DataFrame, memberships: pl.DataFrame | None = None,
+                      confidence: float = 0.95) -> pl.DataFrame:
+    """The census of what the images show (``image_attributes`` / ``face_attributes`` rows), per shard and
+    ``all``, and per group (``memberships``: uid + one boolean column per group, e.g. caption groups; an
+    image may be in several) plus ``all``: images measured, the share with at least one face (Wilson
+    interval), faces per image, the apparent-female share of faces (Wilson), apparent age of faces (mean with
+    a t interval, spread, skew, min, max) and the NSFW score (mean, median, p90, p99, share >= 0.5 with its
+    interval), with the models that produced them."""
+    from curation_assets.core.image_attributes import moments
+    from curation_assets.core.stats import wilson_interval
+
+    groups = [c for c in (memberships.columns if memberships is not None else []) if c != "uid"]
+    rows = []
+    scopes = [("all", images)] + [(s, images.filter(pl.col("shard") == s))
+                                  for s in sorted(images["shard"].unique().to_list())]
+    for shard, part in scopes:
+        subsets = [("all", part)]
+        if groups:
+            joined = part.join(memberships, on="uid", how="left").fill_null(False)
+            subsets += [(g, joined.filter(pl.col(g)).select(part.columns)) for g in groups]
+        for group, sub in subsets:
+            sub_faces = faces.join(sub.select("uid"), on="uid", how="semi")
+            n = sub.height
+            with_face = int((sub["faces"] > 0).sum()) if n else 0
+            female = int((sub_faces["apparent_gender"] == "female").sum())
+            nsfw = sub["nsfw"].drop_nulls().to_numpy().astype(np.float64)
+            flagged = int((nsfw >= 0.5).sum())
+            face_share = wilson_interval(with_face, n, confidence)
+            female_share = wilson_interval(female, sub_faces.height, confidence)
+            nsfw_share = wilson_interval(flagged, len(nsfw), confidence)
+            age = moments(sub_faces["apparent_age"].drop_nulls().to_numpy(), confidence)
+            rows.append({
+                "shard": shard, "group": group, "images": n, "images_with_face": with_face,
+                "share_with_face": face_share.estimate, "share_with_face_low": face_share.low,
+                "share_with_face_high": face_share.high, "faces": sub_faces.height,
+                "faces_per_image": sub_faces.height / n if n else math.nan,
+                "apparent_female_share": female_share.estimate, "apparent_female_low": female_share.low,
+                "apparent_female_high": female_share.high,
+                **{f"age_{k}": (float(v) if k != "n" else int(v)) for k, v in age.items()},
+                "nsfw_mean": float(nsfw.mean()) if len(nsfw) else math.nan,
+                "nsfw_p50": float(np.quantile(nsfw, 0.5)) if len(nsfw) else math.nan,
+                "nsfw_p90": float(np.quantile(nsfw, 0.9)) if len(nsfw) else math.nan,
+                "nsfw_p99": float(np.quantile(nsfw, 0.99)) if len(nsfw) else math.nan,
+                "nsfw_share": nsfw_share.estimate, "nsfw_share_low": nsfw_share.low,
+                "nsfw_share_high": nsfw_share.high,
+                "face_model": sub["face_model"][0] if n else None, "nsfw_model": sub["nsfw_model"][0] if n else None,
+            })
+    return pl.DataFrame(rows)

@@ -401,8 +401,8 @@ class BiasSettings:
             drift_section = dict(section.get("drift") or {})
             source = drift_section.pop("source", "caption")
             stage = drift_section.pop("stage", "raw")
-            if source not in ("caption", "clip"):
-                raise ValueError(f"drift.source must be caption or clip, got {source!r}")
+            if source not in ("caption", "clip", "image"):
+                raise ValueError(f"drift.source must be caption, clip or image, got {source!r}")
             if stage not in STAGES:
                 raise ValueError(f"drift.stage must be one of {STAGES}, got {stage!r}")
             drift = DriftSettings(**drift_section)

