@@ -49,7 +49,7 @@ def test_a_new_shard_flows_to_its_ratios_and_nothing_global_runs(ticks):
     ticks.instance.add_dynamic_partitions("shards", ["00000", "00001"])
     requested = ticks.tick()
     # no centroids and no classifier yet: clustering and the safety stage wait, the ratios do not
-    assert set(requested) == {"samples", "image_embeddings", "demographic_ratios"}
+    assert set(requested) == {"samples", "image_embeddings", "image_attributes", "demographic_ratios"}
     for asset in requested:
         assert requested[asset] == {"00000", "00001"}
     for asset in requested:

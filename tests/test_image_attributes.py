@@ -213,3 +213,33 @@ def test_nsfw_prior_seeds_the_first_queue(measured):
     first = queue.filter(pl.col("category") == "sexual").sort("rank")
     assert first["procedure"][0] == "prior_top"
     assert queue.filter(pl.col("category") == "violence")["procedure"].unique().to_list() == ["diverse"]
+
+
+def test_the_prior_is_its_own_scorer_and_filters_only_when_configured(tmp_path):
+    from curation_assets.core.safety import Category
+    from curation_assets.safety_filter import CLASSIFIER, SCORES_SCHEMA, filter_shard, prior_scores
+    from resources.storage import DeltaStorage
+
+    storage = DeltaStorage(root=str(tmp_path))
+    uids = [f"00000/{i:09d}" for i in range(4)]
+    versions = model_versions()
+    storage.replace_where("image_attributes", pl.DataFrame({
+        "uid": uids, "shard": ["00000"] * 4, "width": [64] * 4, "height": [64] * 4, "faces": [0] * 4,
+        "female_faces": [0] * 4, "male_faces": [0] * 4, "nsfw": [0.05, 0.4, 0.7, 0.95],
+        "face_model": [versions["face_model"]] * 4, "nsfw_model": [versions["nsfw_model"]] * 4},
+        schema_overrides={"width": pl.Int32, "height": pl.Int32, "faces": pl.Int32, "female_faces": pl.Int32,
+                          "male_faces": pl.Int32, "nsfw": pl.Float32}), "shard", "00000")
+    classifier = pl.DataFrame({"uid": uids, "shard": ["00000"] * 4, "category": ["sexual"] * 4,
+                               "score": [0.1, 0.2, 0.1, 0.2], "held_out": [False] * 4, "threshold": [0.5] * 4,
+                               "flagged": [False] * 4, "classifier_version": ["v0001"] * 4,
+                               "scorer": [CLASSIFIER] * 4}, schema=SCORES_SCHEMA)
+    samples = pl.DataFrame({"uid": uids, "shard": ["00000"] * 4, "status": ["ok"] * 4})
+    no_labels = pl.DataFrame(schema={"uid": pl.String, "category": pl.String, "label": pl.Int8})
+    for threshold, removed in ((None, []), (0.8, [uids[3]])):
+        category = Category("sexual", "sexual content", prior="open_nsfw", prior_threshold=threshold)
+        prior = prior_scores(storage, "00000", [category])
+        assert prior.height == 4 and set(prior["scorer"]) == {"prior:open_nsfw"}
+        assert prior["score"].to_list() == pytest.approx([0.05, 0.4, 0.7, 0.95])
+        out = filter_shard(samples, pl.concat([classifier, prior]), no_labels, ["sexual"])
+        assert out.height == 4 and out.filter(~pl.col("kept"))["uid"].to_list() == removed
+    assert prior_scores(storage, "00000", [Category("violence", "violence")]).height == 0
