@@ -33,6 +33,7 @@ DEFAULT_REFRESH_CRON = "0 * * * *"
 PER_SHARD = ("samples", "image_embeddings", "image_attributes", "cluster_assignments", "safety_scores",
              "filtered_samples")
 MANUAL = ("clip_bias_audit",)  # one partition per configured checkpoint, materialised by hand
+OPTIONAL = ("image_attributes",)  # read when present (census, ratios), never waited for
 LABEL_ASSETS = ("labels", "safety_classifiers", "safety_thresholds", "safety_scores", "filtered_samples",
                 "sample_weights", "labeling_queue")
 GLOBAL = ("duplicate_pairs", "dedup_groups", "deduplicated_samples", "dedup_recall", "dataset_census",
@@ -92,7 +93,8 @@ def after_classifiers() -> dg.AutomationCondition:
     ).with_label("after_classifiers")
 
 
-def global_refresh(cron: str, ignore_missing: tuple[str, ...] = LABEL_ASSETS + MANUAL) -> dg.AutomationCondition:
+def global_refresh(cron: str, ignore_missing: tuple[str, ...] = LABEL_ASSETS + MANUAL + OPTIONAL
+                   ) -> dg.AutomationCondition:
     """At most once per ``cron`` tick, after an upstream change, once nothing upstream is running."""
     return (
         (AC.newly_missing() | AC.any_deps_updated()).since_last_handled()
