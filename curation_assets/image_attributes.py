@@ -6,8 +6,8 @@ image gets open_nsfw's NSFW score (``core/image_attributes.py`` says what the mo
 not). The census aggregates these tables, the bias stage measures image-based ratios from them, and the
 ``sexual`` category's first labelling queue is seeded from the NSFW score.
 
-The models load once per step; nothing is downloaded. A sample keeps the cost bounded per shard (about 105
-images/s on 2 CPU cores, so ~10 s for the default 1000 images; ``bench/bench_attributes.py``); the embedding
+The models load once per step; nothing is downloaded. A sample keeps the cost bounded per shard (about 115
+images/s on 2 CPU cores, so ~9 s for the default 1000 images; ``bench/bench_attributes.py``); the embedding
 step stays as fast as before.
 """
 
