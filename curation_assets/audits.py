@@ -86,6 +86,7 @@ class AttributesConfig:
     max_side: int = 640
     threads: int = 2
     seed: int = 0
+    group_by: str = "caption_groups"
 
 
 @dataclass

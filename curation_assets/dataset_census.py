@@ -69,7 +69,7 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
         frames["faces"] = census.face_summary(faces)
         plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
                                               "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
-    attributes = _attribute_census(storage, samples, bias_groups)
+    attributes = _attribute_census(storage, samples, bias_groups, audits_config(settings).attributes.group_by)
     if attributes is not None:
         frames["apparent_attributes"], extra = attributes
         plots.update(extra)
@@ -127,10 +127,27 @@ def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg:
     return pl.DataFrame(rows, schema=schema)
 
 
-def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups) -> tuple[pl.DataFrame, dict] | None:
-    """The model-based census (per shard and caption group) and its plots, or None before image_attributes."""
-    from curation_assets.core import census
+def _memberships(samples: pl.DataFrame, bias_groups, group_by: str) -> pl.DataFrame:
+    """uid + one boolean column per group: the caption groups, or each value of a column of ``samples``."""
     from curation_assets.core.demographics import CaptionMatcher
+
+    ok = samples.filter(pl.col("status") == "ok")
+    if group_by != "caption_groups":
+        if group_by not in ok.columns:
+            raise dg.Failure(f"audits.attributes.group_by: samples has no column {group_by!r}; "
+                             f"use caption_groups or one of {sorted(ok.columns)}")
+        values = ok[group_by].cast(pl.String).fill_null("(none)")
+        return ok.select("uid").with_columns([(values == v).alias(f"{group_by}={v}")
+                                              for v in sorted(values.unique().to_list())])
+    matcher = CaptionMatcher(bias_groups) if bias_groups else CaptionMatcher()
+    flags = matcher.annotate(ok["caption"]).select(matcher.group_names)
+    return pl.concat([ok.select("uid"), flags], how="horizontal")
+
+
+def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups,
+                      group_by: str) -> tuple[pl.DataFrame, dict] | None:
+    """The model-based census (per shard and group) and its plots, or None before image_attributes."""
+    from curation_assets.core import census
     from curation_assets.core.image_attributes import FACE_SCHEMA
 
     images = storage.read_if_exists("image_attributes")
@@ -138,11 +155,7 @@ def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups)
         return None
     faces = storage.read_if_exists("face_attributes")
     faces = faces if faces is not None else pl.DataFrame(schema=FACE_SCHEMA)
-    captions = samples.filter(pl.col("status") == "ok").select("uid", "caption")
-    matcher = CaptionMatcher(bias_groups) if bias_groups else CaptionMatcher()
-    flags = matcher.annotate(captions["caption"]).select(matcher.group_names)
-    memberships = pl.concat([captions.select("uid"), flags], how="horizontal")
-    summary = census.attribute_summary(images, faces, memberships)
+    summary = census.attribute_summary(images, faces, _memberships(samples, bias_groups, group_by))
     plots = {}
     if faces.height:
         plots["apparent_age"] = census.histogram_png(

@@ -243,3 +243,19 @@ def test_the_prior_is_its_own_scorer_and_filters_only_when_configured(tmp_path):
         out = filter_shard(samples, pl.concat([classifier, prior]), no_labels, ["sexual"])
         assert out.height == 4 and out.filter(~pl.col("kept"))["uid"].to_list() == removed
     assert prior_scores(storage, "00000", [Category("violence", "violence")]).height == 0
+
+
+def test_census_groups_by_caption_groups_or_a_samples_column():
+    from curation_assets.dataset_census import _memberships
+
+    samples = pl.DataFrame({"uid": ["a", "b", "c", "d"], "status": ["ok", "ok", "ok", "rejected"],
+                            "caption": ["a woman reading", "two men", "a cat", None],
+                            "format": ["JPEG", "PNG", "JPEG", None]})
+    captions = _memberships(samples, None, "caption_groups")
+    assert captions["uid"].to_list() == ["a", "b", "c"]
+    assert captions.filter(pl.col("women"))["uid"].to_list() == ["a"] and captions.filter(pl.col("men"))["uid"].to_list() == ["b"]
+    by_format = _memberships(samples, None, "format")
+    assert set(by_format.columns) == {"uid", "format=JPEG", "format=PNG"}
+    assert by_format.filter(pl.col("format=JPEG"))["uid"].to_list() == ["a", "c"]
+    with pytest.raises(dg.Failure, match="no column 'label'"):
+        _memberships(samples, None, "label")
