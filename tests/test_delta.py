@@ -44,3 +44,16 @@ def test_write_shard_refuses_foreign_rows_and_bad_keys(tmp_path):
         delta.write_shard(tmp_path / "t", pl.DataFrame({"shard": ["x'y"], "v": [1]}), "x'y")
     with pytest.raises(FileNotFoundError, match="materialise"):
         delta.scan(tmp_path / "nothing")
+
+
+def test_a_newer_writer_adds_columns_and_the_other_shards_read_them_as_null(tmp_path):
+    path = tmp_path / "scores"
+    delta.write_shard(path, pl.DataFrame({"uid": ["a"], "shard": ["00000"], "score": [0.5]}), "00000")
+    delta.write_shard(path, pl.DataFrame({"uid": ["b"], "shard": ["00001"], "score": [0.7]}), "00001")
+    delta.write_shard(path, pl.DataFrame({"uid": ["a"], "shard": ["00000"], "score": [0.6], "scorer": ["classifier"]}),
+                      "00000")
+    table = delta.read(path).sort("uid")
+    assert table.columns.count("scorer") == 1 and table["scorer"].to_list() == ["classifier", None]
+    assert table["score"].to_list() == [0.6, 0.7]
+    with pytest.raises(Exception):  # dropping a column is not an evolution: the schema must match
+        delta.write_shard(path, pl.DataFrame({"uid": ["b"], "shard": ["00001"]}), "00001")

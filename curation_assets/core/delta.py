@@ -92,15 +92,26 @@ def replace_in(path: str | Path, df: pl.DataFrame, column: str, values: Sequence
     return _overwrite_where(path, df, f"{column} IN ({', '.join(_literal(v) for v in values)})", None)
 
 
+def _added_columns_mode(path: str | Path, df: pl.DataFrame) -> str | None:
+    """``"merge"`` when ``df`` keeps every column of the table and adds new ones (a newer writer: the other
+    keys' rows read the new columns as null); otherwise the table's schema must match exactly."""
+    from deltalake import DeltaTable
+
+    existing = {f.name for f in DeltaTable(str(path)).schema().fields}
+    return "merge" if set(df.columns) - existing and existing <= set(df.columns) else None
+
+
 def _overwrite_where(path: str | Path, df: pl.DataFrame, predicate: str, partition_by: list[str] | None) -> int:
-    """One commit replacing the rows matching ``predicate`` with ``df``; creates the table when missing."""
+    """One commit replacing the rows matching ``predicate`` with ``df``; creates the table when missing. A
+    writer that adds columns (a newer release) evolves the schema instead of failing."""
     from deltalake import write_deltalake
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     data = _arrow(df)
 
     def overwrite():
-        write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=partition_by)
+        write_deltalake(str(path), data, mode="overwrite", predicate=predicate, partition_by=partition_by,
+                        schema_mode=_added_columns_mode(path, df))
 
     def write():
         if table_exists(path):
