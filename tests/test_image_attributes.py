@@ -259,3 +259,29 @@ def test_census_groups_by_caption_groups_or_a_samples_column():
     assert by_format.filter(pl.col("format=JPEG"))["uid"].to_list() == ["a", "c"]
     with pytest.raises(dg.Failure, match="no column 'label'"):
         _memberships(samples, None, "label")
+
+
+def test_image_ratios_at_every_stage_that_exists(photo_corpus, tmp_path_factory):
+    """A filter that removes the images with apparent women (as a biased filter might) shifts the image-based
+    ratio at the filtered stage; shares there count only the measured images the filter kept."""
+    pipeline = _pipeline(photo_corpus, tmp_path_factory.mktemp("stages") / "root")
+    pipeline.materialize(["samples", "image_attributes"])
+    storage = pipeline.storage
+    images = storage.read("image_attributes")
+    removed = set(images.filter(pl.col("female_faces") > 0)["uid"].to_list()[::2])
+    samples = storage.read("samples", columns=["uid", "shard"])
+    for shard in samples["shard"].unique().to_list():
+        part = samples.filter(pl.col("shard") == shard)
+        kept = ~part["uid"].is_in(list(removed))
+        storage.write_shard("filtered_samples", part.with_columns(
+            kept=kept, reasons=pl.when(kept).then(pl.lit([], dtype=pl.List(pl.String)))
+            .otherwise(pl.lit(["sexual"]))), shard)
+    pipeline.materialize(["demographic_ratios", "overall_demographic_ratios"])
+    overall = storage.read("overall_demographic_ratios").filter(pl.col("source") == "image")
+    ratio = {r["stage"]: r for r in overall.filter(pl.col("kind") == "ratio").iter_rows(named=True)}
+    assert {"raw", "filtered"} <= set(ratio)
+    assert ratio["filtered"]["value"] < ratio["raw"]["value"] and ratio["filtered"]["change_vs_raw"] < 0
+    assert all(r["low"] <= r["value"] <= r["high"] for r in ratio.values())
+    women = {r["stage"]: r for r in overall.filter((pl.col("kind") == "share") & (pl.col("group") == "women"))
+             .iter_rows(named=True)}
+    assert women["filtered"]["n"] == images.height - len(removed)
