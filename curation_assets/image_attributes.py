@@ -48,7 +48,6 @@ def _decoded(blobs: dict[str, bytes], members: dict[str, str]):
     deps=["samples"],
     group_name="audits",
     kinds={"onnx", "deltalake"},
-    description="Faces, apparent age and gender per face, and an NSFW score per image, on a sample of each shard.",
 )
 def image_attributes(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
                      shard_source: ShardSource) -> dg.MaterializeResult:

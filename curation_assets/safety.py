@@ -376,15 +376,16 @@ def prior_picks(storage: DeltaStorage, category: Category, labelled: set[str], p
         return []
     column = PRIORS[category.prior]
     scored = (storage.scan("image_attributes").select("uid", column, "nsfw_model")
-              .filter(pl.col(column).is_not_null() & ~pl.col("uid").is_in(list(labelled))).collect())
-    top = scored.sort(column, "uid", descending=[True, False]).head(per_kind)
-    rest = scored.join(top.select("uid"), on="uid", how="anti")
-    boundary = (rest.with_columns((pl.col(column) - 0.5).abs().alias("_d")).sort("_d", "uid").head(per_kind)
-                .drop("_d"))
+              .filter(pl.col(column).is_not_null() & ~pl.col("uid").is_in(list(labelled))))
+    measured = scored.select(pl.len()).collect().item()
+    top = scored.sort(column, "uid", descending=[True, False]).head(per_kind).collect()  # a top-k, not a full sort
+    boundary = (scored.filter(~pl.col("uid").is_in(top["uid"].implode()))
+                .with_columns((pl.col(column) - 0.5).abs().alias("_d")).sort("_d", "uid").head(per_kind)
+                .drop("_d").collect())
     rows = []
     for kind, frame, why in (("prior_top", top, "among the highest"), ("prior_boundary", boundary, "nearest 0.5")):
         rows += [{"uid": r["uid"], "procedure": kind, "score": float(r[column]), "threshold": None,
-                  "why": f"{category.prior} prior score {r[column]:.3f}, {why} of {scored.height} measured images",
+                  "why": f"{category.prior} prior score {r[column]:.3f}, {why} of {measured} measured images",
                   "classifier_version": r["nsfw_model"]} for r in frame.iter_rows(named=True)]
     return rows
 
