@@ -8,9 +8,8 @@ import numpy as np
 import polars as pl
 
 from curation_assets.core import dedup as core
-from curation_assets.core.plots import figure_markdown
-from curation_assets.core.plots import markdown_table, pyplot
-from curation_assets.dedup_clusters import GROUP, dedup_settings, encoder_name, load_matrix
+from curation_assets.core.plots import figure_markdown, markdown_table, pyplot
+from curation_assets.dedup_clusters import GROUP, dedup_settings, encoder_name
 from curation_assets.partitions import N_CLUSTERINGS
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
@@ -27,18 +26,19 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
     """Measured recall of the clustered search: a random sample of ``recall.sample_size`` embeddings is searched
     exactly (faiss brute-force range search against all embeddings); of the true pairs (cosine >= threshold)
     involving a sampled embedding, the fraction found using clusterings 1..c, for c = 1..5, with Wilson 95%
-    intervals and the mean over all subsets of c clusterings."""
+    intervals and the mean over all subsets of c clusterings. The embeddings are streamed shard by shard
+    (twice: once for the sample's vectors, once to search them), so memory holds the sample and one shard."""
     cfg = dedup_settings(settings)
-    ids, x = load_matrix(storage)
+    shards = sorted(storage.shards("image_embeddings"))
+    started = time.perf_counter()
+    ids, xq, queries = _sample_vectors(storage, shards, cfg.recall_sample_size, cfg.recall_seed)
     encoder = encoder_name(ids)
     threshold = cfg.resolve_threshold(encoder)
-    queries = core.sample_queries(len(ids), cfg.recall_sample_size, cfg.recall_seed)
-    started = time.perf_counter()
-    # on the GPU through a flat index; on the CPU straight on the matrix (an index would copy it)
-    index = vector_search.flat_index(x) if vector_search.use_gpu() else None
-    true_a, true_b, _ = core.exact_pairs(x, queries, threshold, index=index)
+    # on the GPU through a flat index per shard; on the CPU straight on the shard's matrix
+    search = (lambda q, xb, thr: vector_search.flat_index(xb).range_search(q, thr)) if vector_search.use_gpu() else None
+    true_a, true_b, _ = core.exact_pairs_streamed(xq, queries, _blocks(storage, shards), threshold, ids.height,
+                                                  range_search=search)
     exact_seconds = time.perf_counter() - started
-    del x
     pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "clusterings"])
     row = pl.DataFrame({"uid": ids["uid"], "row": pl.int_range(ids.height, eager=True)})
     mapped = (pairs.join(row.rename({"uid": "uid_a", "row": "ra"}), on="uid_a")
@@ -76,6 +76,36 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
         "recall_curve": dg.MetadataValue.md(figure_markdown(fig, "recall vs clusterings", dpi=100)),
         "exact_search_seconds": dg.MetadataValue.float(exact_seconds),
     })
+
+
+def _sample_vectors(storage: DeltaStorage, shards: list[str], size: int, seed: int
+                    ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """The row index of every embedding (uid, shard, encoder; rows in shard order, as the search sees them),
+    the sampled query rows and their vectors, reading one shard at a time."""
+    counts = dict(storage.scan("image_embeddings").group_by("shard").agg(pl.len()).collect().iter_rows())
+    n = sum(counts.get(s, 0) for s in shards)
+    queries = core.sample_queries(n, size, seed)
+    frames, vectors, offset = [], [], 0
+    for shard in shards:
+        ids, xs = storage.load_embeddings([shard])
+        local = queries[(queries >= offset) & (queries < offset + len(ids))] - offset
+        vectors.append(xs[local])
+        frames.append(ids)
+        offset += len(ids)
+    ids = pl.concat(frames) if frames else pl.DataFrame(schema={"uid": pl.String, "shard": pl.String, "encoder": pl.String})
+    if ids.height != n:
+        raise dg.Failure(f"image_embeddings changed while dedup_recall read it ({n} rows counted, {ids.height} read): "
+                         "re-materialise dedup_recall")
+    dim = vectors[0].shape[1] if vectors else 0
+    return ids, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), queries
+
+
+def _blocks(storage: DeltaStorage, shards: list[str]):
+    offset = 0
+    for shard in shards:
+        _, xs = storage.load_embeddings([shard])
+        yield offset, xs
+        offset += len(xs)
 
 
 @dg.asset_check(asset=dedup_recall, description="Recall of the five-clustering search on the exact-search sample "

@@ -240,3 +240,16 @@ def test_deduplicate_accounts_for_every_sample():
     empty = groups.clear()
     out = deduplicate(samples, embedded, empty)
     assert out.filter(pl.col("status") == "singleton").height == 4 and out.height == 6
+
+
+def test_streamed_exact_search_finds_exactly_the_pairs_of_the_whole_matrix():
+    data = synthetic_embeddings(6000, 64, seed=3, dup_fraction=0.2)
+    x = data.x
+    queries = dedup.sample_queries(len(x), 700, seed=5)
+    a, b, _ = dedup.exact_pairs(x, queries, 0.9)
+    bounds = [0, 1000, 1001, 3500, 6000]  # uneven blocks, one of a single row
+    blocks = ((lo, x[lo:hi]) for lo, hi in zip(bounds, bounds[1:]))
+    sa, sb, ss = dedup.exact_pairs_streamed(x[queries], queries, blocks, 0.9, len(x), block=256)
+    assert len(a) > 100
+    assert np.array_equal(sa, a) and np.array_equal(sb, b)
+    assert np.allclose(ss, (x[sa] * x[sb]).sum(axis=1), atol=1e-5)

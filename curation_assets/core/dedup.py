@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -474,6 +474,35 @@ def exact_pairs(x: np.ndarray, queries: np.ndarray, threshold: float, block: int
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     key = lo * len(x) + hi
     _, first = np.unique(key, return_index=True)
+    return lo[first], hi[first], s[first]
+
+
+def exact_pairs_streamed(xq: np.ndarray, queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]],
+                         threshold: float, n: int, block: int = 4096, range_search: Any = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`exact_pairs` with the database streamed: ``xq`` holds the query rows' vectors (rows ``queries``)
+    and ``blocks`` yields ``(first row, vectors)`` of consecutive row ranges covering all ``n`` rows, so only
+    the queries and one block are in memory. The same pairs as :func:`exact_pairs` on the whole matrix.
+    ``range_search(xq, xb, threshold)``: another exact search (e.g. a GPU flat index per block)."""
+    search = range_search or _range_search_ip
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    out_a, out_b, out_s = [], [], []
+    for offset, xb in blocks:
+        xb = np.ascontiguousarray(xb, dtype=np.float32)
+        for start in range(0, len(queries), block):
+            q = queries[start:start + block]
+            lims, dist, ids = search(xq[start:start + block], xb, float(threshold))
+            src = np.repeat(q, np.diff(lims).astype(np.int64))
+            ids = ids.astype(np.int64) + offset
+            keep = ids != src
+            out_a.append(src[keep])
+            out_b.append(ids[keep])
+            out_s.append(dist[keep].astype(np.float32))
+    if not out_a or sum(len(a) for a in out_a) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, s = np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_s)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    _, first = np.unique(lo * n + hi, return_index=True)
     return lo[first], hi[first], s[first]
 
 
