@@ -286,11 +286,13 @@ def filtered_samples(context: dg.AssetExecutionContext, storage: DeltaStorage,
     if not storage.exists("safety_scores"):
         return awaiting_result(label_readiness(storage, cfg), "filtered_samples")
     current = labels_in_force(storage)[0]
+    written = storage.scan("safety_scores").collect_schema().names()  # tables from before priors lack scorer
+    score_columns = ["uid", "category", "flagged"] + (["scorer"] if "scorer" in written else [])
     totals = {"samples": 0, "kept": 0}
     reason_counts: dict[str, int] = {}
     for shard in partition_keys(context):
         samples = storage.read("samples", [shard], columns=["uid", "shard", "status"])
-        scores = storage.read("safety_scores", [shard], columns=["uid", "category", "flagged", "scorer"])
+        scores = storage.read("safety_scores", [shard], columns=score_columns)
         out = filter_shard(samples, scores, current.filter(pl.col("uid").str.starts_with(f"{shard}/")),
                            cfg.names, cfg.trust_negative_labels)
         if out.height != samples.height or out["uid"].n_unique() != samples["uid"].n_unique():
