@@ -69,7 +69,8 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
         frames["faces"] = census.face_summary(faces)
         plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
                                               "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
-    attributes = _attribute_census(storage, samples, bias_groups, audits_config(settings).attributes.group_by)
+    attributes = _attribute_census(storage, samples, bias_groups, audits_config(settings).attributes.group_by,
+                                   shard_source)
     if attributes is not None:
         frames["apparent_attributes"], extra = attributes
         plots.update(extra)
@@ -127,11 +128,34 @@ def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg:
     return pl.DataFrame(rows, schema=schema)
 
 
-def _memberships(samples: pl.DataFrame, bias_groups, group_by: str) -> pl.DataFrame:
-    """uid + one boolean column per group: the caption groups, or each value of a column of ``samples``."""
+def _parquet_column(ok: pl.DataFrame, column: str, shard_source: ShardSource | None) -> pl.DataFrame:
+    """``ok`` with ``column`` read from each shard's parquet sidecar (by key); null where a shard has none."""
+    parts = []
+    for shard in sorted(ok["shard"].unique().to_list()):
+        try:
+            parquet = shard_source.get(shard).parquet if shard_source is not None else None
+        except FileNotFoundError:
+            parquet = None
+        names = pl.read_parquet_schema(parquet) if parquet is not None else {}
+        if parquet is not None and "key" in names and column in names:
+            parts.append(pl.read_parquet(parquet, columns=["key", column])
+                         .select(pl.lit(shard).alias("shard"), pl.col("key").cast(pl.String), pl.col(column)))
+    if not parts:
+        raise dg.Failure(f"audits.attributes.group_by: no shard parquet has a key and a {column!r} column")
+    values = pl.concat(parts, how="vertical_relaxed").unique(["shard", "key"], keep="first")
+    return ok.join(values, on=["shard", "key"], how="left")
+
+
+def _memberships(samples: pl.DataFrame, bias_groups, group_by: str,
+                 shard_source: ShardSource | None = None) -> pl.DataFrame:
+    """uid + one boolean column per group: the caption groups, each value of a column of ``samples``, or
+    (``parquet:<column>``) each value of a column of the shards' parquet sidecars, such as a class label."""
     from curation_assets.core.demographics import CaptionMatcher
 
     ok = samples.filter(pl.col("status") == "ok")
+    if group_by.startswith("parquet:"):
+        group_by = group_by.removeprefix("parquet:")
+        ok = _parquet_column(ok.drop(group_by, strict=False), group_by, shard_source)
     if group_by != "caption_groups":
         if group_by not in ok.columns:
             raise dg.Failure(f"audits.attributes.group_by: samples has no column {group_by!r}; "
@@ -144,8 +168,8 @@ def _memberships(samples: pl.DataFrame, bias_groups, group_by: str) -> pl.DataFr
     return pl.concat([ok.select("uid"), flags], how="horizontal")
 
 
-def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups,
-                      group_by: str) -> tuple[pl.DataFrame, dict] | None:
+def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups, group_by: str,
+                      shard_source: ShardSource) -> tuple[pl.DataFrame, dict] | None:
     """The model-based census (per shard and group) and its plots, or None before image_attributes."""
     from curation_assets.core import census
     from curation_assets.core.image_attributes import FACE_SCHEMA
@@ -155,7 +179,7 @@ def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups,
         return None
     faces = storage.read_if_exists("face_attributes")
     faces = faces if faces is not None else pl.DataFrame(schema=FACE_SCHEMA)
-    summary = census.attribute_summary(images, faces, _memberships(samples, bias_groups, group_by))
+    summary = census.attribute_summary(images, faces, _memberships(samples, bias_groups, group_by, shard_source))
     plots = {}
     if faces.height:
         plots["apparent_age"] = census.histogram_png(

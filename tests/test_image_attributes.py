@@ -285,3 +285,24 @@ def test_image_ratios_at_every_stage_that_exists(photo_corpus, tmp_path_factory)
     women = {r["stage"]: r for r in overall.filter((pl.col("kind") == "share") & (pl.col("group") == "women"))
              .iter_rows(named=True)}
     assert women["filtered"]["n"] == images.height - len(removed)
+
+
+def test_census_groups_by_a_class_label_in_the_shard_parquet(tmp_path):
+    from curation_assets.dataset_census import _memberships
+    from resources.shard_source import ShardSource
+
+    for shard, labels in (("00000", {"000000000": "cat", "000000001": "dog"}), ("00001", {"000010000": "cat"})):
+        with tarfile.open(tmp_path / f"{shard}.tar", "w"):
+            pass
+        pl.DataFrame({"key": list(labels), "label": list(labels.values()), "caption": ["x"] * len(labels)}) \
+            .write_parquet(tmp_path / f"{shard}.parquet")
+    samples = pl.DataFrame({"uid": ["00000/000000000", "00000/000000001", "00001/000010000", "00001/000010001"],
+                            "shard": ["00000", "00000", "00001", "00001"],
+                            "key": ["000000000", "000000001", "000010000", "000010001"],
+                            "status": ["ok"] * 4, "caption": ["a"] * 4})
+    groups = _memberships(samples, None, "parquet:label", ShardSource(uri=str(tmp_path)))
+    assert set(groups.columns) == {"uid", "label=cat", "label=dog", "label=(none)"}
+    assert groups.filter(pl.col("label=cat"))["uid"].to_list() == ["00000/000000000", "00001/000010000"]
+    assert groups.filter(pl.col("label=(none)"))["uid"].to_list() == ["00001/000010001"]
+    with pytest.raises(dg.Failure, match="no shard parquet"):
+        _memberships(samples, None, "parquet:species", ShardSource(uri=str(tmp_path)))
