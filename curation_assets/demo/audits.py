@@ -10,11 +10,20 @@ import polars as pl
 
 from curation_assets.core import regurgitation as rg
 from curation_assets.core import report as rpt
+from curation_assets.demo.safety import is_small_corpus
 from resources.storage import DeltaStorage
+
+SMALL_CORPUS_ATTRIBUTES = {"sample_per_shard": 40}
+"""The test-sized corpus measures 40 images per shard with the image models: its people are drawn (the models
+find no faces), so more would only cost time."""
+
 
 def config(corpus_dir: Path) -> dict:
     """The demo audits its own "model outputs": generated/ beside the shards (40% perturbed copies)."""
-    return {"regurgitation": {"generated": str(Path(corpus_dir) / "generated")}}
+    section: dict = {"regurgitation": {"generated": str(Path(corpus_dir) / "generated")}}
+    if is_small_corpus(corpus_dir):
+        section["attributes"] = dict(SMALL_CORPUS_ATTRIBUTES)
+    return section
 
 
 def summary(storage: DeltaStorage, corpus_dir: Path) -> list[str]:

@@ -141,21 +141,21 @@ SMALL_CORPUS_OVERRIDES = {
 SMALL_CORPUS_ANNOTATOR = AnnotatorSettings(seed_positives=3, seed_negatives=60)
 
 
-def _is_small(corpus_dir: Path) -> bool:
+def is_small_corpus(corpus_dir: Path) -> bool:
     truth = Path(corpus_dir) / "ground_truth.parquet"
     return truth.is_file() and pl.scan_parquet(truth).select(pl.len()).collect().item() < SMALL_CORPUS
 
 
 def annotator_settings(corpus_dir: Path) -> AnnotatorSettings:
     """The seed for the corpus: a smaller one below ``SMALL_CORPUS`` images (see :func:`config`)."""
-    return SMALL_CORPUS_ANNOTATOR if _is_small(corpus_dir) else AnnotatorSettings()
+    return SMALL_CORPUS_ANNOTATOR if is_small_corpus(corpus_dir) else AnnotatorSettings()
 
 
 def config(corpus_dir: Path) -> dict:
     """Demo overrides: none for the demo corpus (4000 images, ~160 positives per category). A corpus under
     1000 images (the test corpus) holds ~15-20 positives per category, too few to resolve a 0.99 recall (that
     needs 100), so its target is 0.9 (10 positives) with a smaller seed and batch."""
-    if _is_small(corpus_dir):
+    if is_small_corpus(corpus_dir):
         return SMALL_CORPUS_OVERRIDES
     return {}
 
