@@ -75,6 +75,7 @@ class CensusConfig:
     face_sample_per_shard: int = 200
     face_max_side: int = 512
     seed: int = 0
+    group_by: str = "caption_groups"
 
 
 @dataclass
@@ -86,7 +87,6 @@ class AttributesConfig:
     max_side: int = 640
     threads: int = 2
     seed: int = 0
-    group_by: str = "caption_groups"
 
 
 @dataclass

@@ -69,7 +69,7 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
         frames["faces"] = census.face_summary(faces)
         plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
                                               "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
-    attributes = _attribute_census(storage, samples, bias_groups, audits_config(settings).attributes.group_by,
+    attributes = _attribute_census(storage, samples, bias_groups, cfg.group_by,
                                    shard_source)
     if attributes is not None:
         frames["apparent_attributes"], extra = attributes
@@ -141,7 +141,7 @@ def _parquet_column(ok: pl.DataFrame, column: str, shard_source: ShardSource | N
             parts.append(pl.read_parquet(parquet, columns=["key", column])
                          .select(pl.lit(shard).alias("shard"), pl.col("key").cast(pl.String), pl.col(column)))
     if not parts:
-        raise dg.Failure(f"audits.attributes.group_by: no shard parquet has a key and a {column!r} column")
+        raise dg.Failure(f"audits.census.group_by: no shard parquet has a key and a {column!r} column")
     values = pl.concat(parts, how="vertical_relaxed").unique(["shard", "key"], keep="first")
     return ok.join(values, on=["shard", "key"], how="left")
 
@@ -158,7 +158,7 @@ def _memberships(samples: pl.DataFrame, bias_groups, group_by: str,
         ok = _parquet_column(ok.drop(group_by, strict=False), group_by, shard_source)
     if group_by != "caption_groups":
         if group_by not in ok.columns:
-            raise dg.Failure(f"audits.attributes.group_by: samples has no column {group_by!r}; "
+            raise dg.Failure(f"audits.census.group_by: samples has no column {group_by!r}; "
                              f"use caption_groups or one of {sorted(ok.columns)}")
         values = ok[group_by].cast(pl.String).fill_null("(none)")
         return ok.select("uid").with_columns([(values == v).alias(f"{group_by}={v}")

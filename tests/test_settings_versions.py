@@ -38,6 +38,8 @@ def test_every_asset_declares_the_settings_that_change_it(tmp_path):
     ({"ingest": {"min_side": 16}}, {"samples"}),
     ({"bias": {"reweighting": {"max_weight": 5.0}}}, {"sample_weights"}),
     ({"safety": {"active_learning": {"batch_size": 50}}}, {"labeling_queue"}),
+    ({"audits": {"census": {"group_by": "format"}}}, {"dataset_census"}),
+    ({"audits": {"attributes": {"sample_per_shard": 200}}}, {"image_attributes"}),
     ({"embeddings": {"batch_size": 64}}, set()),
     ({"bias": {"drift": {"alpha": 0.01}}}, set()),
 ])
