@@ -25,8 +25,9 @@ from curation_assets.core.pixel_verify import VerifySettings
 from curation_assets.core.plots import figure_markdown
 from curation_assets.core.plots import markdown_table, pyplot
 from curation_assets.core.shards import read_images
-from curation_assets.dedup_clusters import (GROUP, current_centroids, dedup_settings, encoder_name, labels_matrix,
-                                            load_matrix)
+from curation_assets.core.delta import matrix
+from curation_assets.dedup_clusters import (ALL_CLUSTERINGS, ASSIGNMENTS, GROUP, check_assignments, current_centroids,
+                                            dedup_settings, encoder_name)
 from curation_assets.partitions import N_CLUSTERINGS
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -66,6 +67,98 @@ def verify_candidates(pairs: pl.DataFrame, blobs: dict[str, bytes], cfg: VerifyS
         verified=pl.Series((structure >= cfg.structure_threshold) & (colour <= cfg.colour_threshold), dtype=pl.Boolean))
 
 
+BUCKET_PAIRS = "bucket_pairs"
+BUCKET_STATE = "bucket_state"
+BUCKET_PAIRS_SCHEMA = {"bucket_key": pl.String, "clustering": pl.String, "bucket": pl.Int32, "uid_a": pl.String,
+                       "uid_b": pl.String, "similarity": pl.Float32}
+
+
+def bucket_fingerprints(storage: DeltaStorage, versions: dict[str, str], threshold: float) -> pl.DataFrame:
+    """One row per (clustering, bucket) of ``cluster_assignments``: ``bucket_key`` and a ``fingerprint`` of
+    what its search depends on (the partition's data files, which every shard write replaces, the centroids
+    version and the threshold), so an unchanged bucket is not searched again."""
+    import hashlib
+
+    files = storage.partition_files(ASSIGNMENTS)
+    grouped = (files.group_by("clustering", "bucket").agg(pl.col("path").sort().str.join("|").alias("files"))
+               .with_columns(pl.col("bucket").cast(pl.Int32)).sort("clustering", "bucket"))
+    prints = [hashlib.sha1(f"{versions.get(c, '')}|{threshold!r}|{paths}".encode()).hexdigest()[:20]
+              for c, paths in grouped.select("clustering", "files").iter_rows()]
+    return grouped.select(
+        (pl.col("clustering") + ":" + pl.col("bucket").cast(pl.String)).alias("bucket_key"), "clustering", "bucket",
+        pl.Series("fingerprint", prints, dtype=pl.String))
+
+
+def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, threshold: float, cfg: core.DedupSettings,
+                  stats: core.PairSearchStats) -> tuple[pl.DataFrame, int]:
+    """The reduce step for one bucket: its members' vectors (only its files are read), the pairs within each of
+    its clusters, as uids (``uid_a < uid_b``); returns the pairs and the member count."""
+    part = storage.read_partition(ASSIGNMENTS, {"clustering": clustering, "bucket": bucket},
+                                  ["uid", "cluster", "vector"]).sort("uid")
+    a, b, sim = core.bucket_pairs(np.arange(part.height), matrix(part["vector"]), part["cluster"].to_numpy(),
+                                  threshold, cfg, stats)
+    uids = part["uid"]
+    return pl.DataFrame({
+        "bucket_key": pl.Series([f"{clustering}:{bucket}"] * len(a), dtype=pl.String),
+        "clustering": pl.Series([clustering] * len(a), dtype=pl.String),
+        "bucket": pl.Series([bucket] * len(a), dtype=pl.Int32),
+        "uid_a": uids.gather(a), "uid_b": uids.gather(b), "similarity": pl.Series(sim, dtype=pl.Float32),
+    }, schema=BUCKET_PAIRS_SCHEMA), part.height
+
+
+def search_buckets(storage: DeltaStorage, versions: dict[str, str], threshold: float, cfg: core.DedupSettings,
+                   log) -> tuple[pl.DataFrame, dict]:
+    """Search every (clustering, bucket) whose fingerprint changed since its last search, keep the stored pairs
+    of the others, and return all pairs (``bucket_pairs``) with what was done. The pairs of the searched
+    buckets are committed before their new fingerprints, so a crash in between only repeats a search."""
+    current = bucket_fingerprints(storage, versions, threshold)
+    previous = storage.read_if_exists(BUCKET_STATE) if storage.exists(BUCKET_PAIRS) else None
+    if previous is not None and "fingerprint" in previous.columns:
+        unchanged = current.join(previous.select("bucket_key", "fingerprint"), on=["bucket_key", "fingerprint"],
+                                 how="semi")
+    else:
+        unchanged = current.clear()
+    todo = current.join(unchanged.select("bucket_key"), on="bucket_key", how="anti")
+    stats = core.PairSearchStats()
+    frames, members, seconds = [], {}, {}
+    for key, clustering, bucket in todo.select("bucket_key", "clustering", "bucket").iter_rows():
+        started = time.perf_counter()
+        pairs, members[key] = search_bucket(storage, clustering, bucket, threshold, cfg, stats)
+        seconds[key] = time.perf_counter() - started
+        frames.append(pairs)
+    vanished = ([] if previous is None or "bucket_key" not in previous.columns
+                else sorted(set(previous["bucket_key"].to_list()) - set(current["bucket_key"].to_list())))
+    replaced = todo["bucket_key"].to_list() + vanished
+    if replaced:
+        new_pairs = pl.concat(frames) if frames else pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)
+        if storage.exists(BUCKET_PAIRS):
+            storage.replace_in(BUCKET_PAIRS, new_pairs, "bucket_key", replaced)
+        else:
+            storage.write_table(BUCKET_PAIRS, new_pairs)
+    searched = todo.with_columns(
+        pl.col("bucket_key").replace_strict(members, default=None, return_dtype=pl.Int64).alias("members"),
+        pl.col("bucket_key").replace_strict(seconds, default=None, return_dtype=pl.Float64).alias("seconds"))
+    kept = (previous.join(unchanged.select("bucket_key"), on="bucket_key", how="semi")
+            if previous is not None and unchanged.height else searched.clear())
+    storage.write_table(BUCKET_STATE, pl.concat([kept.select(searched.columns), searched]).sort("bucket_key"))
+    pairs = storage.read(BUCKET_PAIRS) if storage.exists(BUCKET_PAIRS) else pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)
+    if pairs.height > cfg.max_pairs:
+        raise dg.Failure(f"{pairs.height} pairs at cosine >= {threshold} (limit {cfg.max_pairs}): the threshold is "
+                         "too low for these embeddings (raise dedup.threshold or search.max_pairs)")
+    log(f"searched {todo.height} of {current.height} buckets ({unchanged.height} unchanged) in "
+        f"{stats.seconds:.1f}s; {pairs.height} within-cluster pairs in all")
+    return pairs, {"buckets": current.height, "buckets_searched": todo.height, "buckets_reused": unchanged.height,
+                   "largest_bucket": max(members.values(), default=0), "stats": stats}
+
+
+def union_bucket_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Each pair once over all clusterings: ``uid_a, uid_b, similarity, clusterings (sorted), n_clusterings``."""
+    return (pairs.group_by("uid_a", "uid_b")
+            .agg(pl.col("similarity").sort_by("clustering").first(), pl.col("clustering").cast(pl.Int8).unique().sort().alias("clusterings"))
+            .with_columns(pl.col("clusterings").list.len().cast(pl.Int8).alias("n_clusterings"))
+            .sort("uid_a", "uid_b"))
+
+
 @dg.asset(
     group_name=GROUP,
     deps=[dg.AssetDep("cluster_assignments", partition_mapping=dg.AllPartitionMapping()),
@@ -76,41 +169,39 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
                     shard_source: ShardSource) -> dg.MaterializeResult:
     """Candidate and verified duplicate pairs, in two stages.
 
-    Stage 1: every pair of embeddings with cosine >= the dedup threshold that shares a cluster in at least one
-    of the five clusterings; each pair once (uid_a < uid_b) with its similarity and the clusterings that found
-    it. Within a cluster the search is exact and blocked (row_block x col_block similarities at a time).
+    Stage 1, bucket by bucket: every pair of embeddings with cosine >= the dedup threshold that shares a
+    cluster in at least one of the five clusterings. Each clustering's clusters lie inside its coarse buckets,
+    so each bucket is searched on its own from its partition of ``cluster_assignments`` (only its members'
+    vectors in memory; exact, blocked: row_block x col_block similarities at a time), and a bucket none of
+    whose shards changed since its last search is not searched again (``bucket_pairs``, ``bucket_state``).
+    The pairs are unioned over the clusterings: each once (uid_a < uid_b) with its similarity and the
+    clusterings that found it.
     Stage 2 (``verify``, on by default for perceptual encoders): both images of every candidate are read back
     from the tars and compared on pixels (:mod:`curation_assets.core.pixel_verify`); ``verification`` and
     ``colour_residual`` hold the scores and ``verified`` the verdict. Only verified pairs form groups; with
     verification off every candidate counts as verified (scores null)."""
     cfg = dedup_settings(settings)
     started = time.perf_counter()
-    ids, x = load_matrix(storage)
-    if not len(ids):
+    embedded = (storage.scan("image_embeddings").group_by("shard", "encoder").agg(pl.len().alias("n")).collect()
+                if storage.exists("image_embeddings") else pl.DataFrame())
+    if not embedded.height or int(embedded["n"].sum()) == 0:
         raise dg.Failure("image_embeddings is empty")
-    encoder = encoder_name(ids)
+    encoder = encoder_name(embedded)
     threshold = cfg.resolve_threshold(encoder)
     centroids = current_centroids(storage)
     if centroids["encoder"].unique().to_list() != [encoder]:
         raise dg.Failure(f"centroids were fitted on {centroids['encoder'].unique().to_list()} embeddings, the "
                          f"current ones come from {encoder!r}: refit kmeans_centroids")
-    labels = labels_matrix(storage, ids, dict(zip(centroids["clustering"], centroids["version"])))
+    versions = dict(zip(centroids["clustering"], centroids["version"]))
+    check_assignments(storage, embedded.select("shard", "n"), versions)
+    n_embeddings = int(embedded["n"].sum())
     load_seconds = time.perf_counter() - started
 
-    found = core.search_clusterings(x, labels, threshold, cfg, context.log.info)
-    a, b, sim, mask, per_clustering, stats = (found.a, found.b, found.similarity, found.mask, found.per_clustering,
-                                              found.stats)
-    uids = ids["uid"]
-    ua, ub = uids.gather(a), uids.gather(b)
-    swap = (ua > ub).to_numpy() if len(a) else np.zeros(0, bool)
-    pairs = pl.DataFrame({
-        "uid_a": pl.Series(np.where(swap, ub.to_numpy(), ua.to_numpy()) if len(a) else [], dtype=pl.String),
-        "uid_b": pl.Series(np.where(swap, ua.to_numpy(), ub.to_numpy()) if len(a) else [], dtype=pl.String),
-        "similarity": pl.Series(sim, dtype=pl.Float32),
-        "clusterings": pl.Series(core.mask_to_list(mask, N_CLUSTERINGS), dtype=pl.List(pl.Int8)),
-        "n_clusterings": pl.Series([bin(int(m)).count("1") for m in mask.tolist()], dtype=pl.Int8),
-    }, schema={k: v for k, v in PAIRS_SCHEMA.items() if k not in ("verification", "colour_residual", "verified")}
-    ).sort(["uid_a", "uid_b"])
+    found, bucket_meta = search_buckets(storage, versions, threshold, cfg, context.log.info)
+    stats = bucket_meta.pop("stats")
+    per_clustering = [int((found["clustering"] == c).sum()) for c in ALL_CLUSTERINGS]
+    pairs = union_bucket_pairs(found).cast({k: v for k, v in PAIRS_SCHEMA.items()
+                                            if k not in ("verification", "colour_residual", "verified")})
     vcfg = cfg.verification
     verify_meta: dict = {"verification": "off"}
     if vcfg.active(encoder) and pairs.height:
@@ -143,11 +234,12 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     per = pl.DataFrame({"clustering": list(range(1, N_CLUSTERINGS + 1)), "pairs": per_clustering})
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("duplicate_pairs", "dedup-recall"),
-        "embeddings": len(ids), "encoder": encoder, "threshold": dg.MetadataValue.float(threshold),
+        "embeddings": n_embeddings, "encoder": encoder, "threshold": dg.MetadataValue.float(threshold),
         "candidate_pairs": pairs.height, "pairs_found_by_one_clustering_only": only_one, **verify_meta,
         "pairs_per_clustering": dg.MetadataValue.md(markdown_table(per)),
-        "largest_cluster": stats.largest_cluster,
-        "dot_products_vs_all_pairs": dg.MetadataValue.float(stats.dot_products / max(1, len(ids) * (len(ids) - 1) / 2)),
+        "largest_cluster": stats.largest_cluster, **bucket_meta,
+        "dot_products_vs_all_pairs": dg.MetadataValue.float(
+            stats.dot_products / max(1, n_embeddings * (n_embeddings - 1) / 2)),
         "load_seconds": dg.MetadataValue.float(load_seconds),
         "search_seconds": dg.MetadataValue.float(stats.seconds),
         "seconds": dg.MetadataValue.float(seconds),
@@ -170,11 +262,11 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
     pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "verified"])
     candidates = pairs.height
     pairs = pairs.filter(pl.col("verified"))
-    nodes = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().sort()
-    index = {uid: i for i, uid in enumerate(nodes.to_list())}
-    a = np.array([index[u] for u in pairs["uid_a"].to_list()], dtype=np.int64)
-    b = np.array([index[u] for u in pairs["uid_b"].to_list()], dtype=np.int64)
-    groups = core.group_frame(nodes.to_list(), core.connected_components(len(nodes), a, b))
+    nodes = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().sort().to_frame("uid").with_row_index("node")
+    a = pairs.select(pl.col("uid_a").alias("uid")).join(nodes, on="uid", how="left", maintain_order="left")["node"]
+    b = pairs.select(pl.col("uid_b").alias("uid")).join(nodes, on="uid", how="left", maintain_order="left")["node"]
+    groups = core.group_frame(nodes["uid"], core.connected_components(nodes.height, a.to_numpy().astype(np.int64),
+                                                                      b.to_numpy().astype(np.int64)))
     samples = storage.scan("samples").select("uid", "shard", "width", "height").collect()
     members = groups.join(samples, on="uid", how="left")
     ranked = core.choose_representatives(members, cfg.representative_order)

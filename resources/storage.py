@@ -85,8 +85,15 @@ class DeltaStorage(dg.ConfigurableResource):
     def exists(self, name: str) -> bool:
         return delta.table_exists(self.table_path(name))
 
-    def write_shard(self, name: str, df: pl.DataFrame, shard: str) -> int:
-        return delta.write_shard(self.table_path(name), df, shard)
+    def write_shard(self, name: str, df: pl.DataFrame, shard: str, partition_by: Sequence[str] | None = None) -> int:
+        """Replace one shard's rows (see :func:`curation_assets.core.delta.write_shard`)."""
+        return delta.write_shard(self.table_path(name), df, shard, partition_by)
+
+    def partition_files(self, name: str) -> pl.DataFrame:
+        return delta.partition_files(self.table_path(name))
+
+    def read_partition(self, name: str, partition: dict, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        return delta.read_partition(self.table_path(name), partition, columns)
 
     def replace_where(self, name: str, df: pl.DataFrame, column: str, value: str | int) -> int:
         """Replace the rows of one key (``column = value``) of a table partitioned by ``column``."""

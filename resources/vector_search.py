@@ -62,7 +62,10 @@ class VectorSearch(dg.ConfigurableResource):
         """Spherical k-means centroids (k x d, L2-normalised) fitted on ``x``."""
         faiss = self._setup()
         x = np.ascontiguousarray(x, dtype=np.float32)
+        from curation_assets.core.dedup import MAX_POINTS_PER_CENTROID
+
         km = faiss.Kmeans(x.shape[1], int(k), niter=niter, seed=int(seed), spherical=True,
-                          gpu=self.use_gpu(), verbose=False, max_points_per_centroid=256)
+                          gpu=self.use_gpu(), verbose=False, max_points_per_centroid=MAX_POINTS_PER_CENTROID,
+                          min_points_per_centroid=1)
         km.train(x)
         return np.ascontiguousarray(km.centroids, dtype=np.float32)

@@ -51,7 +51,8 @@ def test_kill_between_centroid_fits_leaves_a_consistent_table(ingested, tmp_path
     after = state.storage.read("kmeans_centroids").sort("clustering")
     assert after.equals(before)  # the table is written last: the killed run changed nothing it points at
     for row in after.iter_rows(named=True):
-        assert _load_centroids(state.storage, row).shape == (row["k"], row["dim"])
+        loaded = _load_centroids(state.storage, row)
+        assert (loaded.k, loaded.dim) == (row["k"], row["dim"])
     state.materialize(["cluster_assignments", "duplicate_pairs"])  # consistent versions: no stale-assignment error
     # the next run refits all five and publishes them together
     state.materialize(["kmeans_centroids"])
@@ -146,14 +147,20 @@ def _import(barrier, root: str, config: str, uids: list[str]) -> None:
 def test_centroid_file_that_disagrees_with_its_row_is_refused(tmp_path):
     import dagster as dg
 
-    from curation_assets.dedup_clusters import _centroid_version, _load_centroids, _save_centroids
+    from curation_assets.core.dedup import TwoLevelCentroids
+    from curation_assets.dedup_clusters import _load_centroids, _save_centroids
     from resources.storage import DeltaStorage
 
     storage = DeltaStorage(root=str(tmp_path))
-    c = np.eye(4, dtype=np.float32)
-    path = _save_centroids(storage, "1", c, _centroid_version(c))
-    row = {"clustering": "1", "path": path, "k": 4, "dim": 4, "version": _centroid_version(c)}
-    assert np.array_equal(_load_centroids(storage, row), c)
-    np.save(tmp_path / path, c[:3])
+    c = TwoLevelCentroids.single(np.eye(4, dtype=np.float32))
+    path = _save_centroids(storage, "1", c, c.version())
+    row = {"clustering": "1", "path": path, "k": 4, "dim": 4, "version": c.version()}
+    assert np.array_equal(_load_centroids(storage, row).fine, c.fine)
+    with open(tmp_path / path, "wb") as handle:
+        TwoLevelCentroids.single(c.fine[:3]).save(handle)
     with pytest.raises(dg.Failure, match="does not hold the centroids"):
         _load_centroids(storage, row)
+    old = dict(row, path=path.replace(".npz", ".npy"))
+    np.save(tmp_path / old["path"], c.fine)
+    with pytest.raises(dg.Failure, match="one-level centroids of an older release"):
+        _load_centroids(storage, old)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
@@ -15,10 +16,11 @@ def deduped(ingested, tmp_path_factory):
     import yaml
 
     state = ingested.copy(tmp_path_factory.mktemp("dedup_root"))
-    # fit on a random subset smaller than the data, as at scale (K = n // 40 = 9, subset 9 * 20 = 180 of 398)
+    # fit on a random subset smaller than the data, as at scale (K = ceil(n / 25) = 16 in 4 buckets, subset
+    # 16 * 20 = 320 of 398)
     config_path = state.root / "demo_config.yaml"
     config = yaml.safe_load(config_path.read_text()) or {}
-    config.setdefault("dedup", {})["kmeans"] = {"fit_points_per_centroid": 20}
+    config.setdefault("dedup", {})["kmeans"] = {"cluster_size": 25, "fit_points_per_centroid": 20}
     config_path.write_text(yaml.safe_dump(config))
     state.materialize(DEDUP_ASSETS)
     return state
@@ -62,10 +64,19 @@ def test_pairs_and_assignments(deduped):
     assert assignments.height == 5 * n
     assert sorted(assignments["clustering"].unique()) == ["1", "2", "3", "4", "5"]
     centroids = storage.read("kmeans_centroids").sort("clustering")
-    k = centroids["k"].to_list()
-    assert k == [max(1, min(1024, n // 40))] * 5
-    assert assignments["cluster"].max() < k[0]
-    assert centroids["n_fit"].to_list() == [min(n, k[0] * 20)] * 5 and centroids["n_fit"][0] < n
+    target = -(-n // 25)
+    assert centroids["buckets"].to_list() == [4] * 5
+    for row in centroids.iter_rows(named=True):  # about K fine clusters, split over the buckets by their share
+        assert abs(row["k"] - target) <= row["buckets"]
+        part = assignments.filter(pl.col("clustering") == row["clustering"])
+        assert part["cluster"].max() < row["k"] and part["bucket"].max() < row["buckets"]
+        # every cluster lies inside one bucket
+        assert part.group_by("cluster").agg(pl.col("bucket").n_unique())["bucket"].max() == 1
+    assert centroids["n_fit"].to_list() == [min(n, target * 20)] * 5 and centroids["n_fit"][0] < n
+    # the vectors travel with the assignments (the map side of the bucketed search)
+    emb = storage.read("image_embeddings").select("uid", "embedding")
+    some = assignments.filter(pl.col("clustering") == "3").join(emb, on="uid")
+    assert some.height == n and (some["vector"] == some["embedding"]).all()
     assert centroids["version"].n_unique() == 5
     pairs = storage.read("duplicate_pairs")
     assert pairs.height > 0
@@ -80,6 +91,71 @@ def test_pairs_and_assignments(deduped):
         same = (check[c] == check[f"{c}_b"]).to_numpy()
         listed = check["clusterings"].list.contains(int(c)).to_numpy()
         assert np.array_equal(same, listed)
+
+
+def test_bucketed_search_returns_exactly_the_pairs_of_the_unbucketed_search(deduped):
+    from curation_assets.core import dedup as core
+    from curation_assets.core.perceptual import DUPLICATE_THRESHOLD
+
+    storage = deduped.storage
+    ids, x = storage.load_embeddings()
+    assignments = storage.read("cluster_assignments").select("uid", "clustering", "cluster")
+    wide = ids.select("uid").join(assignments.pivot(on="clustering", index="uid", values="cluster"), on="uid",
+                                  how="left", maintain_order="left")
+    labels = wide.select(list("12345")).to_numpy().astype(np.int32)
+    found = core.search_clusterings(x, labels, DUPLICATE_THRESHOLD, core.DedupSettings())
+    uids = ids["uid"]
+    expected = pl.DataFrame({"uid_a": uids.gather(found.a), "uid_b": uids.gather(found.b),
+                             "clusterings": core.mask_to_list(found.mask, 5)}).sort("uid_a", "uid_b")
+    pairs = storage.read("duplicate_pairs").select("uid_a", "uid_b", "clusterings").sort("uid_a", "uid_b")
+    assert pairs.height == expected.height > 0
+    assert pairs["uid_a"].equals(expected["uid_a"]) and pairs["uid_b"].equals(expected["uid_b"])
+    assert pairs["clusterings"].cast(pl.List(pl.Int64)).to_list() == expected["clusterings"].to_list()
+    state = storage.read("bucket_state")
+    assert state.height == 5 * 4 and state["fingerprint"].n_unique() == 20
+
+
+def test_a_new_shard_re_searches_only_the_buckets_it_lands_in(deduped, tmp_path):
+    import io
+    import shutil
+    import tarfile
+
+    from tests.conftest import open_ingested
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(deduped.corpus, corpus)
+    state = open_ingested(corpus, tmp_path / "root", source=deduped.root)
+    before = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    # a new shard of three exact copies of images of shard 00000
+    with tarfile.open(corpus / "00000.tar") as src, tarfile.open(corpus / "00002.tar", "w") as out:
+        jpgs = sorted(m.name for m in src.getmembers() if m.name.endswith(".jpg"))[:3]
+        for i, name in enumerate(jpgs):
+            data = src.extractfile(name).read()
+            for member, blob in ((f"{i:04d}.jpg", data), (f"{i:04d}.txt", b"a copy")):
+                info = tarfile.TarInfo(member)
+                info.size = len(blob)
+                out.addfile(info, io.BytesIO(blob))
+    state.pipeline.register_all_shards()
+    state.materialize(["samples", "image_embeddings", "cluster_assignments"], shards=["00002"])
+    landed = state.storage.read("cluster_assignments").filter(pl.col("shard") == "00002")
+    touched = landed.select("clustering", "bucket").unique().height
+    assert landed.height == 15 and touched < 20
+    state.materialize(["duplicate_pairs"])
+    event = state.pipeline.instance.get_latest_materialization_event(dg.AssetKey("duplicate_pairs"))
+    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert meta["buckets_searched"] == touched and meta["buckets_reused"] == 20 - touched
+    after = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    new = after.filter(pl.col("uid_a").str.starts_with("00002/") | pl.col("uid_b").str.starts_with("00002/"))
+    assert new.filter(pl.col("similarity") > 0.999).height >= 3  # each copy found with its original
+    old = after.join(new, on=["uid_a", "uid_b"], how="anti")
+    assert old.select("uid_a", "uid_b", "clusterings").equals(before.select("uid_a", "uid_b", "clusterings"))
+    # the same pairs as searching every bucket from scratch
+    shutil.rmtree(state.storage.table_path("bucket_state"))
+    state.materialize(["duplicate_pairs"])
+    event = state.pipeline.instance.get_latest_materialization_event(dg.AssetKey("duplicate_pairs"))
+    assert event.asset_materialization.metadata["buckets_searched"].value == 20
+    again = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    assert again.select("uid_a", "uid_b", "clusterings").equals(after.select("uid_a", "uid_b", "clusterings"))
 
 
 def test_recall_table_and_check(deduped):

@@ -159,7 +159,7 @@ def test_exact_pairs_matches_numpy(clustered):
 
 def test_run_dedup_recall_with_five_clusterings_on_structured_data():
     data = synthetic_embeddings(8000, d=64, seed=11, point_spread=0.09)
-    settings = dedup.DedupSettings(k_max=64, niter=8)
+    settings = dedup.DedupSettings(cluster_size=125, niter=8)
     result = dedup.run_dedup(data.x, threshold=0.9, settings=settings)
     queries = dedup.sample_queries(len(data.x), 8000, 0)
     ta, tb, _ = dedup.exact_pairs(data.x, queries, 0.9)
@@ -172,12 +172,15 @@ def test_run_dedup_recall_with_five_clusterings_on_structured_data():
     found = set(zip(result.pair_a.tolist(), result.pair_b.tolist()))
     assert found <= set(zip(ta.tolist(), tb.tolist()))
     assert result.k == 64 and result.labels.shape == (8000, 5)
+    assert result.centroids[0].buckets == 8
 
 
 def test_k_rule_and_fit_subset():
-    assert dedup.default_k(4000) == 100
+    assert dedup.default_k(4000) == 16 and dedup.default_buckets(16) == 4
     assert dedup.default_k(10) == 1
-    assert dedup.default_k(10_000_000) == 1024
+    assert dedup.default_k(10_000_000) == 39_063 and dedup.default_buckets(39_063) == 198
+    assert dedup.default_k(10_000_000, k_max=1024) == 1024
+    assert dedup.default_k(1000, cluster_size=100) == 10
     s1 = dedup.fit_subset(100_000, 1024, seed=1)
     s2 = dedup.fit_subset(100_000, 1024, seed=2)
     assert len(s1) == 1024 * 40 and not np.array_equal(s1, s2)
@@ -213,6 +216,45 @@ def test_settings_validation_and_threshold():
         dedup.DedupSettings.from_section({"threshold": 2})
     with pytest.raises(ValueError, match="kmeans.k_max"):
         dedup.DedupSettings.from_section({"kmeans": {"k_max": 0}})
+    with pytest.raises(ValueError, match="replaced by kmeans.cluster_size"):
+        dedup.DedupSettings.from_section({"kmeans": {"min_points_per_centroid": 40}})
+    assert dedup.DedupSettings.from_section({"kmeans": {"cluster_size": 64, "k_max": 10}}).k_max == 10
+
+
+def test_two_level_clusters_lie_in_one_bucket_and_bucketed_search_is_exactly_the_global_search():
+    data = synthetic_embeddings(6000, d=48, seed=5, point_spread=0.09)
+    x = data.x
+    k = dedup.default_k(len(x), 100)
+    cents = dedup.fit_two_level(x[dedup.fit_subset(len(x), k, 3)], k, seed=3, niter=6)
+    assert cents.buckets == dedup.default_buckets(k) and abs(cents.k - k) <= cents.buckets
+    bucket, cluster, sims = dedup.assign_two_level(x, cents)
+    assert np.array_equal(cents.bucket_of_cluster()[cluster], bucket)  # every cluster inside one bucket
+    # the fine assignment is the nearest fine centroid of the nearest bucket
+    nearest_bucket = (x @ cents.coarse.T).argmax(axis=1)
+    assert np.array_equal(nearest_bucket, bucket)
+    np.testing.assert_allclose(sims, (x * cents.fine[cluster]).sum(axis=1), atol=1e-5)
+    settings = dedup.DedupSettings(row_block=64, col_block=128)
+    whole = dedup.within_cluster_pairs(x, cluster, 0.9, 64, 128)
+    parts = []
+    for b in range(cents.buckets):
+        rows = np.flatnonzero(bucket == b)[::-1]  # any order of members
+        parts.append(dedup.bucket_pairs(rows, x[rows], cluster[rows], 0.9, settings))
+    a = np.concatenate([p[0] for p in parts])
+    order = np.lexsort((np.concatenate([p[1] for p in parts]), a))
+    assert len(whole[0]) > 50
+    assert np.array_equal(a[order], whole[0]) and np.array_equal(np.concatenate([p[1] for p in parts])[order], whole[1])
+    np.testing.assert_allclose(np.concatenate([p[2] for p in parts])[order], whole[2], atol=1e-6)
+
+
+def test_two_level_centroids_round_trip(tmp_path):
+    x = _unit(np.random.default_rng(1).standard_normal((400, 8)))
+    cents = dedup.fit_two_level(x, 20, seed=0, niter=4)
+    path = tmp_path / "c.npz"
+    with open(path, "wb") as handle:
+        cents.save(handle)
+    back = dedup.TwoLevelCentroids.load(path)
+    assert back.version() == cents.version() and back.k == cents.k and back.buckets == cents.buckets
+    assert dedup.fit_two_level(x[:3], 20, seed=0).k == 3  # capped at the subset size
 
 
 def test_deduplicate_accounts_for_every_sample():

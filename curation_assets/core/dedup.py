@@ -13,10 +13,17 @@ when clustering ``c`` found the pair).
 
 Rules (documented because they are user-visible):
 
-- **K**: ``K = min(k_max, max(1, n // min_points_per_centroid))`` (defaults 1024 and 40: faiss needs about
-  39 training points per centroid, so 4,000 embeddings give K = 100 and K reaches 1024 at 40,960).
+- **K** grows with n so that clusters stay bounded: ``K = ceil(n / cluster_size)`` (default 256, optionally
+  capped by ``k_max``), so the within-cluster search costs about ``n * cluster_size / 2`` products, linear in n.
+- **Two levels**: each clustering is a coarse k-means into ``B = ceil(sqrt(K))`` buckets, then a fine k-means
+  inside each bucket with ``K_b`` centroids in proportion to the bucket's share of the fit subset. A point is
+  assigned to its nearest coarse centroid, then to the nearest fine centroid of that bucket, which costs
+  ``B + K/B`` products per point instead of K. Every cluster lies inside one bucket, so the search runs bucket by
+  bucket, each reading only its members' vectors (:func:`bucket_pairs`), and a new shard re-searches only the
+  buckets it lands in.
 - **Fit subset**: clustering ``c`` is fitted on ``min(n, K * fit_points_per_centroid)`` points drawn without
-  replacement with seed ``seed + c``; faiss k-means itself is seeded with the same value.
+  replacement with seed ``seed + c`` (faiss needs about 39 training points per centroid); faiss k-means itself
+  is seeded with the same value (bucket ``b``'s fine fit with ``seed + c`` and ``b``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ KMeansFn = Callable[[np.ndarray, int, int, int], np.ndarray]
 
 POLICY_KEYS = ("highest_resolution", "lowest_resolution", "lowest_safety_score", "highest_safety_score", "uid")
 OPEN_CLIP_THRESHOLD = 0.95
+MAX_POINTS_PER_CENTROID = 256
+"""faiss subsamples a k-means training set to this many points per centroid (its guidance: 39 to 256); the
+coarse level of a two-level fit, with ~40 sqrt(K) subset points per bucket, is fitted on such a sample."""
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -43,8 +53,8 @@ class DedupSettings:
 
     threshold: float | None = None  # None = "auto": follows the encoder, see resolve_threshold
     open_clip_threshold: float = OPEN_CLIP_THRESHOLD
-    k_max: int = 1024
-    min_points_per_centroid: int = 40
+    cluster_size: int = 256
+    k_max: int | None = None  # None = no cap
     fit_points_per_centroid: int = 40
     niter: int = 10
     seed: int = 0
@@ -75,7 +85,10 @@ class DedupSettings:
                 raise ValueError(f"dedup config: unknown keys {bad} under '{name}'; known: {sorted(keys)}")
             return value
 
-        km = sub("kmeans", {"k_max", "min_points_per_centroid", "fit_points_per_centroid", "niter", "seed"})
+        if "min_points_per_centroid" in (section.get("kmeans") or {}):
+            raise ValueError("dedup config: kmeans.min_points_per_centroid was replaced by kmeans.cluster_size "
+                             "(K = ceil(n / cluster_size), no default cap): see configs/dedup.yaml")
+        km = sub("kmeans", {"cluster_size", "k_max", "fit_points_per_centroid", "niter", "seed"})
         se = sub("search", {"row_block", "col_block", "max_pairs"})
         rep = sub("representative", {"order"})
         rc = sub("recall", {"sample_size", "seed", "target"})
@@ -98,9 +111,8 @@ class DedupSettings:
             threshold=threshold,
             open_clip_threshold=_number("open_clip_threshold",
                                         section.get("open_clip_threshold", defaults.open_clip_threshold), -1.0, 1.0),
-            k_max=_integer("kmeans.k_max", km.get("k_max", defaults.k_max), 1),
-            min_points_per_centroid=_integer("kmeans.min_points_per_centroid",
-                                             km.get("min_points_per_centroid", defaults.min_points_per_centroid), 1),
+            cluster_size=_integer("kmeans.cluster_size", km.get("cluster_size", defaults.cluster_size), 2),
+            k_max=None if km.get("k_max") is None else _integer("kmeans.k_max", km.get("k_max"), 1),
             fit_points_per_centroid=_integer("kmeans.fit_points_per_centroid",
                                              km.get("fit_points_per_centroid", defaults.fit_points_per_centroid), 1),
             niter=_integer("kmeans.niter", km.get("niter", defaults.niter), 1),
@@ -159,9 +171,15 @@ def _integer(name: str, value: Any, lo: int) -> int:
 # --------------------------------------------------------------------------------------------- clustering
 
 
-def default_k(n: int, k_max: int = 1024, min_points_per_centroid: int = 40) -> int:
-    """K for ``n`` embeddings: ``min(k_max, max(1, n // min_points_per_centroid))``."""
-    return int(min(k_max, max(1, n // min_points_per_centroid)))
+def default_k(n: int, cluster_size: int = 256, k_max: int | None = None) -> int:
+    """K for ``n`` embeddings: ``ceil(n / cluster_size)``, at least 1, capped by ``k_max`` when given."""
+    k = max(1, -(-int(n) // int(cluster_size)))
+    return int(min(k, k_max) if k_max else k)
+
+
+def default_buckets(k: int) -> int:
+    """Coarse cells (buckets) of a two-level clustering with ``k`` fine clusters: ``ceil(sqrt(k))``."""
+    return max(1, int(np.ceil(np.sqrt(k))))
 
 
 def clustering_seed(base_seed: int, clustering: int) -> int:
@@ -183,7 +201,7 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], int(k), niter=int(niter), seed=int(seed), spherical=True, verbose=False,
-                      max_points_per_centroid=1 << 30, min_points_per_centroid=1)
+                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1)
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
@@ -216,6 +234,102 @@ def assign(x: np.ndarray, centroids: np.ndarray, block: int = 16384) -> tuple[np
         labels[start:start + block] = best
         sims[start:start + block] = s[np.arange(len(best)), best]
     return labels, sims
+
+
+@dataclass(frozen=True)
+class TwoLevelCentroids:
+    """One clustering: ``coarse`` (``B x d``) bucket centroids and ``fine`` (``K x d``) cluster centroids, where
+    bucket ``b`` owns the fine clusters ``offsets[b] .. offsets[b + 1] - 1``. Cluster ids are global."""
+
+    coarse: np.ndarray
+    fine: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return len(self.fine)
+
+    @property
+    def buckets(self) -> int:
+        return len(self.coarse)
+
+    @property
+    def dim(self) -> int:
+        return self.fine.shape[1]
+
+    def bucket_of_cluster(self) -> np.ndarray:
+        return np.repeat(np.arange(self.buckets, dtype=np.int32), np.diff(self.offsets))
+
+    def save(self, handle) -> None:
+        np.savez(handle, coarse=self.coarse, fine=self.fine, offsets=self.offsets)
+
+    @classmethod
+    def load(cls, path) -> "TwoLevelCentroids":
+        """An ``.npz`` of :meth:`save`, or a one-level ``.npy`` of older releases (one bucket)."""
+        if str(path).endswith(".npy"):
+            fine = np.load(path)
+            return cls.single(fine)
+        with np.load(path) as z:
+            return cls(z["coarse"], z["fine"], z["offsets"])
+
+    @classmethod
+    def single(cls, fine: np.ndarray) -> "TwoLevelCentroids":
+        mean = fine.astype(np.float64).mean(axis=0)
+        mean = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)[None, :]
+        return cls(mean, np.ascontiguousarray(fine, np.float32), np.array([0, len(fine)], np.int64))
+
+    def version(self) -> str:
+        import hashlib
+
+        h = hashlib.sha1()
+        for part in (self.coarse, self.fine, self.offsets.astype(np.int64)):
+            h.update(np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()[:16]
+
+
+def fit_two_level(x_subset: np.ndarray, k: int, seed: int, niter: int = 10, kmeans: KMeansFn | None = None,
+                  buckets: int | None = None) -> TwoLevelCentroids:
+    """Coarse k-means into ``buckets`` (default :func:`default_buckets`) cells on the fit subset, then a fine
+    k-means in each cell with centroids in proportion to the cell's share of the subset (at least one); in all
+    about ``k`` fine centroids. Bucket ``b`` is fitted with seed ``seed * 1009 + b + 1``."""
+    n = len(x_subset)
+    if n == 0:
+        raise ValueError("cannot fit k-means on zero embeddings")
+    k = max(1, min(int(k), n))
+    n_buckets = max(1, min(int(buckets or default_buckets(k)), k))
+    coarse = fit_centroids(x_subset, n_buckets, seed, niter, kmeans)
+    cell, _ = assign(x_subset, coarse)
+    fine, offsets = [], [0]
+    for b in range(len(coarse)):
+        members = x_subset[cell == b]
+        if len(members) == 0:
+            part = coarse[b:b + 1]
+        else:
+            kb = max(1, int(round(len(members) * k / n)))
+            part = fit_centroids(members, kb, seed * 1009 + b + 1, niter, kmeans)
+        fine.append(part)
+        offsets.append(offsets[-1] + len(part))
+    return TwoLevelCentroids(np.ascontiguousarray(coarse, np.float32), np.ascontiguousarray(np.concatenate(fine), np.float32),
+                             np.asarray(offsets, np.int64))
+
+
+def assign_two_level(x: np.ndarray, centroids: TwoLevelCentroids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(bucket int32, cluster int32, similarity to the fine centroid float32)`` of every row: the nearest
+    coarse centroid, then the nearest fine centroid of that bucket."""
+    bucket, _ = assign(x, centroids.coarse)
+    cluster = np.empty(len(x), np.int32)
+    sims = np.empty(len(x), np.float32)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(centroids.buckets + 1))
+    for b in range(centroids.buckets):
+        rows = order[bounds[b]:bounds[b + 1]]
+        if len(rows) == 0:
+            continue
+        lo, hi = int(centroids.offsets[b]), int(centroids.offsets[b + 1])
+        labels, sim = assign(x[rows], centroids.fine[lo:hi])
+        cluster[rows] = labels + lo
+        sims[rows] = sim
+    return bucket, cluster, sims
 
 
 # --------------------------------------------------------------------------------------------- pair search
@@ -326,6 +440,22 @@ def within_cluster_pairs(
     s = np.concatenate(out_s).astype(np.float32)
     order_ab = np.lexsort((b, a))
     return a[order_ab], b[order_ab], s[order_ab]
+
+
+def bucket_pairs(rows: np.ndarray, x: np.ndarray, clusters: np.ndarray, threshold: float, settings: "DedupSettings",
+                 stats: PairSearchStats | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The within-cluster pairs of one bucket of one clustering: ``rows`` are the members' global row numbers
+    (ascending), ``x`` their vectors and ``clusters`` their cluster ids. Returns ``(a, b, cosine)`` in global
+    row numbers, ``a < b``. Since every cluster lies in one bucket, the union over buckets is exactly
+    :func:`within_cluster_pairs` on all rows."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) > 1 and not np.all(rows[1:] > rows[:-1]):
+        order = np.argsort(rows, kind="stable")
+        rows, x, clusters = rows[order], x[order], np.asarray(clusters)[order]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    a, b, sim = within_cluster_pairs(x, clusters, threshold, settings.row_block, settings.col_block,
+                                     settings.max_pairs, stats)
+    return rows[a], rows[b], sim
 
 
 def union_pairs(
@@ -569,7 +699,7 @@ def recall_curve(true_a: np.ndarray, true_b: np.ndarray, found_a: np.ndarray, fo
 class DedupResult:
     threshold: float
     k: int
-    centroids: list[np.ndarray]
+    centroids: list[TwoLevelCentroids]
     labels: np.ndarray  # n x n_clusterings int32
     pair_a: np.ndarray
     pair_b: np.ndarray
@@ -585,12 +715,12 @@ def run_dedup(x: np.ndarray, threshold: float, settings: DedupSettings | None = 
               kmeans: KMeansFn | None = None, log: Callable[[str], None] | None = None) -> DedupResult:
     """The whole search in memory, through the functions the assets call one step at a time:
     ``kmeans_centroids`` (:func:`default_k`, :func:`clustering_seed`, :func:`fit_subset`,
-    :func:`fit_centroids`), ``cluster_assignments`` (:func:`assign`), ``duplicate_pairs``
-    (:func:`search_clusterings`) and ``dedup_groups`` (:func:`connected_components`). Used by the benchmarks
-    and tests."""
+    :func:`fit_two_level`), ``cluster_assignments`` (:func:`assign_two_level`), ``duplicate_pairs``
+    (:func:`search_clusterings`, which equals :func:`bucket_pairs` unioned over buckets) and ``dedup_groups``
+    (:func:`connected_components`). Used by the benchmarks and tests."""
     settings = settings or DedupSettings()
     n = len(x)
-    k = default_k(n, settings.k_max, settings.min_points_per_centroid)
+    k = default_k(n, settings.cluster_size, settings.k_max)
     seconds: dict[str, float] = {"fit": 0.0, "assign": 0.0, "search": 0.0}
     labels = np.empty((n, n_clusterings), dtype=np.int32)
     centroids = []
@@ -598,10 +728,10 @@ def run_dedup(x: np.ndarray, threshold: float, settings: DedupSettings | None = 
         seed = clustering_seed(settings.seed, c)
         t = time.perf_counter()
         subset = fit_subset(n, k, seed, settings.fit_points_per_centroid)
-        cents = fit_centroids(x[subset], k, seed, settings.niter, kmeans)
+        cents = fit_two_level(x[subset], k, seed, settings.niter, kmeans)
         seconds["fit"] += time.perf_counter() - t
         t = time.perf_counter()
-        labels[:, c - 1], _ = assign(x, cents)
+        _, labels[:, c - 1], _ = assign_two_level(x, cents)
         seconds["assign"] += time.perf_counter() - t
         centroids.append(cents)
     t = time.perf_counter()
@@ -621,7 +751,7 @@ def group_frame(uids: Sequence[str], component: np.ndarray):
     policy does not rename groups."""
     import polars as pl
 
-    df = pl.DataFrame({"uid": pl.Series(list(uids), dtype=pl.String), "component": component})
+    df = pl.DataFrame({"uid": pl.Series("uid", uids, dtype=pl.String), "component": component})
     return (df.with_columns(pl.len().over("component").alias("group_size"),
                             pl.col("uid").min().over("component").alias("group_id"))
               .filter(pl.col("group_size") > 1)

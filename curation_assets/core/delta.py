@@ -53,12 +53,54 @@ def table_exists(path: str | Path) -> bool:
     return DeltaTable.is_deltatable(str(path))
 
 
-def write_shard(path: str | Path, df: pl.DataFrame, shard: str) -> int:
-    """Replace the rows of one shard in a ``shard``-partitioned table; returns the rows written."""
+def write_shard(path: str | Path, df: pl.DataFrame, shard: str, partition_by: Sequence[str] | None = None) -> int:
+    """Replace the rows of one shard in a per-shard table; returns the rows written. The table is partitioned
+    by ``shard`` unless ``partition_by`` names other columns (e.g. the dedup buckets, which every shard writes
+    into): each write then adds files holding only this shard's rows, and the next write of the shard removes
+    exactly those."""
     if "shard" not in df.columns:
         raise ValueError(f"{path}: a per-shard table needs a 'shard' column")
     _check_shard_key(shard)
-    return replace_where(path, df, "shard", shard)
+    if not partition_by or list(partition_by) == ["shard"]:
+        return replace_where(path, df, "shard", shard)
+    others = df.filter(pl.col("shard") != shard).height
+    if others:
+        raise ValueError(f"{path}: {others} rows do not belong to shard = {shard!r}")
+    existing = partition_columns(path)
+    if existing is not None and existing != list(partition_by):
+        raise ValueError(f"{path} is partitioned by {existing}, this release writes it partitioned by "
+                         f"{list(partition_by)}: delete the table and re-materialise every shard of its asset")
+    return _overwrite_where(path, df, f"shard = {_literal(shard)}", list(partition_by))
+
+
+def partition_columns(path: str | Path) -> list[str] | None:
+    """The partition columns of a table (None when it does not exist)."""
+    from deltalake import DeltaTable
+
+    return list(DeltaTable(str(path)).metadata().partition_columns) if table_exists(path) else None
+
+
+def partition_files(path: str | Path) -> pl.DataFrame:
+    """One row per data file of the current version: ``path`` plus one column per partition column (as
+    strings). The file names are unique per write, so a partition's file list fingerprints its content."""
+    from deltalake import DeltaTable
+
+    if not table_exists(path):
+        return pl.DataFrame({"path": []}, schema={"path": pl.String})
+    actions = pl.DataFrame(DeltaTable(str(path)).get_add_actions(flatten=True))
+    parts = [c for c in actions.columns if c.startswith("partition.")]
+    return actions.select(pl.col("path").cast(pl.String),
+                          *[pl.col(c).cast(pl.String).alias(c.removeprefix("partition.")) for c in parts])
+
+
+def read_partition(path: str | Path, partition: dict[str, str | int], columns: Sequence[str] | None = None
+                   ) -> pl.DataFrame:
+    """The rows of one partition (only its files are read)."""
+    from deltalake import DeltaTable
+
+    filters = [(key, "=", value) for key, value in partition.items()]
+    table = DeltaTable(str(path)).to_pyarrow_table(filters=filters, columns=list(columns) if columns else None)
+    return pl.from_arrow(table)
 
 
 def _literal(value: str | int) -> str:
