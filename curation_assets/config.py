@@ -59,7 +59,7 @@ SETTINGS_OF: dict[str, tuple[str, ...]] = {
     "safety_scores": ("safety.categories", "safety.thresholds"),
     "filtered_samples": ("safety.categories", "safety.thresholds", "safety.labels"),
     "kmeans_centroids": ("dedup.kmeans",),
-    "cluster_assignments": ("dedup.kmeans",),
+    "cluster_assignments": ("dedup.kmeans", "dedup.buckets"),
     "duplicate_pairs": ("dedup.threshold", "dedup.open_clip_threshold", "dedup.search", "dedup.verify"),
     "dedup_groups": ("dedup.representative",),
     "deduplicated_samples": ("dedup.representative",),

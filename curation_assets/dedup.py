@@ -25,7 +25,7 @@ from curation_assets.core.pixel_verify import VerifySettings
 from curation_assets.core.plots import figure_markdown
 from curation_assets.core.plots import markdown_table, pyplot
 from curation_assets.core.shards import read_images
-from curation_assets.core.delta import matrix
+from curation_assets.core.delta import binary_to_matrix
 from curation_assets.dedup_clusters import (ALL_CLUSTERINGS, ASSIGNMENTS, GROUP, check_assignments, current_centroids,
                                             dedup_settings, encoder_name)
 from curation_assets.partitions import N_CLUSTERINGS
@@ -74,80 +74,131 @@ BUCKET_PAIRS_SCHEMA = {"bucket_key": pl.String, "clustering": pl.String, "bucket
 
 
 def bucket_fingerprints(storage: DeltaStorage, versions: dict[str, str], threshold: float) -> pl.DataFrame:
-    """One row per (clustering, bucket) of ``cluster_assignments``: ``bucket_key`` and a ``fingerprint`` of
-    what its search depends on (the partition's data files, which every shard write replaces, the centroids
-    version and the threshold), so an unchanged bucket is not searched again."""
+    """One row per (clustering, bucket) of ``cluster_assignments``: ``bucket_key``, its data ``files`` (each
+    holds one shard's rows, and a shard's rewrite replaces its files), the ``shards`` of those files, and a
+    ``fingerprint`` of everything the bucket's search depends on (files, centroids version, threshold) plus a
+    ``base`` of the last two, so an unchanged bucket is not searched again and a bucket that only gained
+    files searches only its new rows."""
     import hashlib
 
-    files = storage.partition_files(ASSIGNMENTS)
-    grouped = (files.group_by("clustering", "bucket").agg(pl.col("path").sort().str.join("|").alias("files"))
-               .with_columns(pl.col("bucket").cast(pl.Int32)).sort("clustering", "bucket"))
-    prints = [hashlib.sha1(f"{versions.get(c, '')}|{threshold!r}|{paths}".encode()).hexdigest()[:20]
-              for c, paths in grouped.select("clustering", "files").iter_rows()]
+    def digest(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+    files = storage.partition_files(ASSIGNMENTS, stats=["shard"])
+    one_shard = pl.col("min.shard") == pl.col("max.shard")  # always, unless a compaction merged shards
+    files = files.select("clustering", pl.col("bucket").cast(pl.Int32), "path",
+                         pl.when(one_shard).then(pl.col("min.shard")).alias("shard"))
+    grouped = (files.sort("path").group_by("clustering", "bucket")
+               .agg(pl.col("path").alias("files"), pl.col("shard").alias("shards"))
+               .sort("clustering", "bucket"))
+    base = [digest(f"{versions.get(c, '')}|{threshold!r}") for c in grouped["clustering"].to_list()]
+    prints = [digest(f"{b}|{'|'.join(paths)}") for b, paths in zip(base, grouped["files"].to_list())]
     return grouped.select(
         (pl.col("clustering") + ":" + pl.col("bucket").cast(pl.String)).alias("bucket_key"), "clustering", "bucket",
-        pl.Series("fingerprint", prints, dtype=pl.String))
+        "files", "shards", pl.Series("base", base, dtype=pl.String), pl.Series("fingerprint", prints, dtype=pl.String))
 
 
-def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, threshold: float, cfg: core.DedupSettings,
-                  stats: core.PairSearchStats) -> tuple[pl.DataFrame, int]:
-    """The reduce step for one bucket: its members' vectors (only its files are read), the pairs within each of
-    its clusters, as uids (``uid_a < uid_b``); returns the pairs and the member count."""
+def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, dim: int, threshold: float,
+                  cfg: core.DedupSettings, stats: core.PairSearchStats, new_shards: list[str] | None = None
+                  ) -> tuple[pl.DataFrame, int, pl.Series | None]:
+    """The reduce step for one bucket: its members' vectors (only its files are read) and the pairs within
+    each of its clusters, as uids (``uid_a < uid_b``). With ``new_shards``, only the pairs that involve a
+    member of those shards (the bucket's earlier pairs stay valid); their uids are returned too. Returns the
+    pairs, the member count and the new members' uids (or None)."""
     part = storage.read_partition(ASSIGNMENTS, {"clustering": clustering, "bucket": bucket},
-                                  ["uid", "cluster", "vector"]).sort("uid")
-    a, b, sim = core.bucket_pairs(np.arange(part.height), matrix(part["vector"]), part["cluster"].to_numpy(),
-                                  threshold, cfg, stats)
+                                  ["uid", "shard", "cluster", "vector"]).sort("uid")
+    x = binary_to_matrix(part["vector"], dim)
+    clusters = part["cluster"].to_numpy()
+    new_uids = None
+    if new_shards is None:
+        a, b, sim = core.bucket_pairs(np.arange(part.height), x, clusters, threshold, cfg, stats)
+    else:
+        is_new = part["shard"].is_in(new_shards).to_numpy()
+        new_uids = part.filter(pl.Series(is_new))["uid"]
+        a, b, sim = core.bucket_pairs_with_new(np.arange(part.height), x, clusters, is_new, threshold, stats)
     uids = part["uid"]
     return pl.DataFrame({
         "bucket_key": pl.Series([f"{clustering}:{bucket}"] * len(a), dtype=pl.String),
         "clustering": pl.Series([clustering] * len(a), dtype=pl.String),
         "bucket": pl.Series([bucket] * len(a), dtype=pl.Int32),
         "uid_a": uids.gather(a), "uid_b": uids.gather(b), "similarity": pl.Series(sim, dtype=pl.Float32),
-    }, schema=BUCKET_PAIRS_SCHEMA), part.height
+    }, schema=BUCKET_PAIRS_SCHEMA), part.height, new_uids
 
 
-def search_buckets(storage: DeltaStorage, versions: dict[str, str], threshold: float, cfg: core.DedupSettings,
-                   log) -> tuple[pl.DataFrame, dict]:
-    """Search every (clustering, bucket) whose fingerprint changed since its last search, keep the stored pairs
-    of the others, and return all pairs (``bucket_pairs``) with what was done. The pairs of the searched
-    buckets are committed before their new fingerprints, so a crash in between only repeats a search."""
+def _plan(current: pl.DataFrame, previous: pl.DataFrame | None) -> pl.DataFrame:
+    """``current`` plus ``action``: ``reuse`` (fingerprint unchanged), ``add`` (same centroids and threshold,
+    every earlier file still there: search only the rows of the new files, whose shards are ``new_shards``)
+    or ``search`` (everything else: new bucket, a shard rewritten or deleted, refit, other threshold)."""
+    if previous is None or "files" not in previous.columns:
+        return current.with_columns(pl.lit("search").alias("action"), pl.lit(None, pl.List(pl.String)).alias("new_shards"))
+    before = {key: (fp, base, set(files)) for key, fp, base, files
+              in previous.select("bucket_key", "fingerprint", "base", "files").iter_rows()}
+    actions, new_shards = [], []
+    for key, fp, base, files, shards in current.select("bucket_key", "fingerprint", "base", "files", "shards").iter_rows():
+        old = before.get(key)
+        added = [s for f, s in zip(files, shards) if old and f not in old[2]]
+        if old and old[0] == fp:
+            actions.append("reuse"), new_shards.append(None)
+        elif old and old[1] == base and old[2] <= set(files) and all(added):
+            actions.append("add"), new_shards.append(sorted(set(added)))
+        else:
+            actions.append("search"), new_shards.append(None)
+    return current.with_columns(pl.Series("action", actions, dtype=pl.String),
+                                pl.Series("new_shards", new_shards, dtype=pl.List(pl.String)))
+
+
+def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, threshold: float,
+                   cfg: core.DedupSettings, log) -> tuple[pl.DataFrame, dict]:
+    """Search the buckets that changed since their last search (only the new rows of a bucket that merely
+    gained shards), keep the stored pairs of the others, and return all pairs (``bucket_pairs``) with what
+    was done. A bucket's new pairs are committed before its new state, so a crash in between only repeats
+    that bucket's work (its pairs are replaced, never appended twice)."""
     current = bucket_fingerprints(storage, versions, threshold)
     previous = storage.read_if_exists(BUCKET_STATE) if storage.exists(BUCKET_PAIRS) else None
-    if previous is not None and "fingerprint" in previous.columns:
-        unchanged = current.join(previous.select("bucket_key", "fingerprint"), on=["bucket_key", "fingerprint"],
-                                 how="semi")
-    else:
-        unchanged = current.clear()
-    todo = current.join(unchanged.select("bucket_key"), on="bucket_key", how="anti")
+    plan = _plan(current, previous)
     stats = core.PairSearchStats()
-    frames, members, seconds = [], {}, {}
-    for key, clustering, bucket in todo.select("bucket_key", "clustering", "bucket").iter_rows():
+    frames, members, seconds, replaced = [], {}, {}, []
+    todo = plan.filter(pl.col("action") != "reuse")
+    for key, clustering, bucket, action, new_shards in todo.select(
+            "bucket_key", "clustering", "bucket", "action", "new_shards").iter_rows():
         started = time.perf_counter()
-        pairs, members[key] = search_bucket(storage, clustering, bucket, threshold, cfg, stats)
+        pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, dim, threshold, cfg, stats,
+                                                      new_shards if action == "add" else None)
+        if new_uids is not None:  # keep the bucket's earlier pairs that involve none of its new rows
+            kept = (storage.scan(BUCKET_PAIRS).filter(pl.col("bucket_key") == key)
+                    .filter(~pl.col("uid_a").is_in(new_uids.implode()) & ~pl.col("uid_b").is_in(new_uids.implode()))
+                    .collect())
+            pairs = pl.concat([kept.select(list(BUCKET_PAIRS_SCHEMA)).cast(BUCKET_PAIRS_SCHEMA), pairs])
         seconds[key] = time.perf_counter() - started
         frames.append(pairs)
+        replaced.append(key)
     vanished = ([] if previous is None or "bucket_key" not in previous.columns
                 else sorted(set(previous["bucket_key"].to_list()) - set(current["bucket_key"].to_list())))
-    replaced = todo["bucket_key"].to_list() + vanished
+    replaced += vanished
     if replaced:
         new_pairs = pl.concat(frames) if frames else pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)
         if storage.exists(BUCKET_PAIRS):
             storage.replace_in(BUCKET_PAIRS, new_pairs, "bucket_key", replaced)
         else:
             storage.write_table(BUCKET_PAIRS, new_pairs)
-    searched = todo.with_columns(
+    state = plan.with_columns(
         pl.col("bucket_key").replace_strict(members, default=None, return_dtype=pl.Int64).alias("members"),
         pl.col("bucket_key").replace_strict(seconds, default=None, return_dtype=pl.Float64).alias("seconds"))
-    kept = (previous.join(unchanged.select("bucket_key"), on="bucket_key", how="semi")
-            if previous is not None and unchanged.height else searched.clear())
-    storage.write_table(BUCKET_STATE, pl.concat([kept.select(searched.columns), searched]).sort("bucket_key"))
+    if previous is not None and "members" in previous.columns:  # reused buckets keep their last numbers
+        last = previous.select("bucket_key", pl.col("members").alias("m0"), pl.col("seconds").alias("s0"))
+        state = (state.join(last, on="bucket_key", how="left")
+                 .with_columns(pl.col("members").fill_null(pl.col("m0")), pl.col("seconds").fill_null(pl.col("s0")))
+                 .drop("m0", "s0"))
+    storage.write_table(BUCKET_STATE, state.drop("new_shards").sort("bucket_key"))
     pairs = storage.read(BUCKET_PAIRS) if storage.exists(BUCKET_PAIRS) else pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)
     if pairs.height > cfg.max_pairs:
         raise dg.Failure(f"{pairs.height} pairs at cosine >= {threshold} (limit {cfg.max_pairs}): the threshold is "
                          "too low for these embeddings (raise dedup.threshold or search.max_pairs)")
-    log(f"searched {todo.height} of {current.height} buckets ({unchanged.height} unchanged) in "
-        f"{stats.seconds:.1f}s; {pairs.height} within-cluster pairs in all")
-    return pairs, {"buckets": current.height, "buckets_searched": todo.height, "buckets_reused": unchanged.height,
+    counts = dict(plan.group_by("action").len().iter_rows())
+    log(f"{current.height} buckets: {counts.get('search', 0)} searched, {counts.get('add', 0)} searched for their "
+        f"new rows only, {counts.get('reuse', 0)} unchanged; {stats.seconds:.1f}s; {pairs.height} pairs in all")
+    return pairs, {"buckets": current.height, "buckets_searched": counts.get("search", 0),
+                   "buckets_searched_new_rows_only": counts.get("add", 0), "buckets_reused": counts.get("reuse", 0),
                    "largest_bucket": max(members.values(), default=0), "stats": stats}
 
 
@@ -197,7 +248,10 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     n_embeddings = int(embedded["n"].sum())
     load_seconds = time.perf_counter() - started
 
-    found, bucket_meta = search_buckets(storage, versions, threshold, cfg, context.log.info)
+    dims = centroids["dim"].unique().to_list()
+    if len(dims) != 1:
+        raise dg.Failure(f"kmeans_centroids mixes dimensions {dims}: refit kmeans_centroids")
+    found, bucket_meta = search_buckets(storage, versions, int(dims[0]), threshold, cfg, context.log.info)
     stats = bucket_meta.pop("stats")
     per_clustering = [int((found["clustering"] == c).sum()) for c in ALL_CLUSTERINGS]
     pairs = union_bucket_pairs(found).cast({k: v for k, v in PAIRS_SCHEMA.items()

@@ -26,6 +26,7 @@ import numpy as np
 import polars as pl
 
 from curation_assets.core import dedup as core
+from curation_assets.core.delta import vectors_to_binary
 from curation_assets.partitions import (N_CLUSTERINGS, clustering_partitions, partition_keys, partitioned_asset,
                                         shard_asset)
 from resources.settings import CurationSettings
@@ -181,16 +182,15 @@ def current_centroids(storage: DeltaStorage) -> pl.DataFrame:
 
 ASSIGNMENT_SCHEMA = {"uid": pl.String, "shard": pl.String, "clustering": pl.String, "bucket": pl.Int32,
                      "cluster": pl.Int32, "centroid_similarity": pl.Float32, "centroids_version": pl.String,
-                     "vector": pl.List(pl.Float32)}
+                     "vector": pl.Binary}
 
 
 def assignment_frame(ids: pl.DataFrame, x: np.ndarray, clustering: str, centroids: core.TwoLevelCentroids,
-                     version: str) -> pl.DataFrame:
-    """One clustering's rows of ``cluster_assignments`` for a block of embeddings (vectors included)."""
+                     version: str, vector_dtype: str = "float32") -> pl.DataFrame:
+    """One clustering's rows of ``cluster_assignments`` for a block of embeddings (vectors included, packed as
+    ``vector_dtype``)."""
     bucket, cluster, sim = core.assign_two_level(x, centroids)
-    dim = x.shape[1] if x.ndim == 2 else 0
-    vectors = (pl.Series("vector", np.ascontiguousarray(x, np.float32).reshape(-1)).reshape((len(ids), dim))
-               .cast(pl.List(pl.Float32)) if len(ids) else pl.Series("vector", [], dtype=pl.List(pl.Float32)))
+    vectors = vectors_to_binary(x, vector_dtype)
     return pl.DataFrame({
         "uid": ids["uid"], "shard": ids["shard"], "clustering": pl.Series([clustering] * len(ids), dtype=pl.String),
         "bucket": pl.Series(bucket, dtype=pl.Int32), "cluster": pl.Series(cluster, dtype=pl.Int32),
@@ -204,12 +204,14 @@ def assignment_frame(ids: pl.DataFrame, x: np.ndarray, clustering: str, centroid
     deps=["image_embeddings", dg.AssetDep(CENTROIDS, partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "deltalake"},
 )
-def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage) -> dg.MaterializeResult:
+def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage,
+                        settings: CurationSettings) -> dg.MaterializeResult:
     """Each embedding's bucket and cluster in every clustering, with its vector (long format: uid, shard,
     clustering, bucket, cluster, centroid similarity, centroids version, vector), in a table partitioned by
     clustering and bucket: the map step of the bucketed duplicate search. Per shard, so new shards need no
     refit; a shard's rewrite replaces exactly its rows in every bucket. ``duplicate_pairs`` refuses
     assignments made with centroids that have since been refitted."""
+    cfg = dedup_settings(settings)
     table = current_centroids(storage)
     centroids = {r["clustering"]: (_load_centroids(storage, r), r["version"]) for r in table.iter_rows(named=True)}
     total, sims, touched = 0, [], 0
@@ -221,7 +223,8 @@ def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage
             if len(ids) and x.shape[1] != cents.dim:
                 raise dg.Failure(f"shard {shard}: embeddings have dimension {x.shape[1]}, centroids {cents.dim}: "
                                  "refit kmeans_centroids on the current embeddings")
-            frame = assignment_frame(ids, x, key, cents, version) if len(ids) else pl.DataFrame(schema=ASSIGNMENT_SCHEMA)
+            frame = (assignment_frame(ids, x, key, cents, version, cfg.vector_dtype) if len(ids)
+                     else pl.DataFrame(schema=ASSIGNMENT_SCHEMA))
             sims.append(frame["centroid_similarity"].to_numpy())
             frames.append(frame)
         out = pl.concat(frames)

@@ -89,8 +89,8 @@ class DeltaStorage(dg.ConfigurableResource):
         """Replace one shard's rows (see :func:`curation_assets.core.delta.write_shard`)."""
         return delta.write_shard(self.table_path(name), df, shard, partition_by)
 
-    def partition_files(self, name: str) -> pl.DataFrame:
-        return delta.partition_files(self.table_path(name))
+    def partition_files(self, name: str, stats: Sequence[str] = ()) -> pl.DataFrame:
+        return delta.partition_files(self.table_path(name), stats)
 
     def read_partition(self, name: str, partition: dict, columns: Sequence[str] | None = None) -> pl.DataFrame:
         return delta.read_partition(self.table_path(name), partition, columns)

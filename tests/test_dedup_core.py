@@ -295,3 +295,21 @@ def test_streamed_exact_search_finds_exactly_the_pairs_of_the_whole_matrix():
     assert len(a) > 100
     assert np.array_equal(sa, a) and np.array_equal(sb, b)
     assert np.allclose(ss, (x[sa] * x[sb]).sum(axis=1), atol=1e-5)
+
+
+def test_pairs_with_new_members_complete_the_earlier_pairs_of_a_bucket():
+    data = synthetic_embeddings(3000, d=32, seed=8, point_spread=0.09)
+    x = data.x
+    cents = dedup.fit_two_level(x, 12, seed=1, niter=5)
+    bucket, cluster, _ = dedup.assign_two_level(x, cents)
+    rows = np.flatnonzero(bucket == np.bincount(bucket).argmax())
+    settings = dedup.DedupSettings()
+    is_new = np.zeros(len(rows), bool)
+    is_new[np.random.default_rng(0).choice(len(rows), len(rows) // 5, replace=False)] = True
+    old = dedup.bucket_pairs(rows[~is_new], x[rows[~is_new]], cluster[rows[~is_new]], 0.9, settings)
+    added = dedup.bucket_pairs_with_new(rows, x[rows], cluster[rows], is_new, 0.9)
+    full = dedup.bucket_pairs(rows, x[rows], cluster[rows], 0.9, settings)
+    got = set(zip(old[0].tolist(), old[1].tolist())) | set(zip(added[0].tolist(), added[1].tolist()))
+    assert len(added[0]) > 10 and len(old[0]) > 10
+    assert len(old[0]) + len(added[0]) == len(full[0])  # no pair twice
+    assert got == set(zip(full[0].tolist(), full[1].tolist()))

@@ -66,12 +66,14 @@ class DedupSettings:
     recall_seed: int = 1234
     recall_target: float = 0.95
     verify: Any = None  # core.pixel_verify.VerifySettings; None = its defaults
+    vector_dtype: str = "float32"
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> "DedupSettings":
         """Validate a merged config section; raises ``ValueError`` naming the offending key."""
         section = dict(section or {})
-        known = {"threshold", "open_clip_threshold", "kmeans", "search", "representative", "recall", "verify"}
+        known = {"threshold", "open_clip_threshold", "kmeans", "buckets", "search", "representative", "recall",
+                 "verify"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"dedup config: unknown keys {unknown}; known: {sorted(known)}")
@@ -92,6 +94,10 @@ class DedupSettings:
         se = sub("search", {"row_block", "col_block", "max_pairs"})
         rep = sub("representative", {"order"})
         rc = sub("recall", {"sample_size", "seed", "target"})
+        bu = sub("buckets", {"vector_dtype"})
+        vector_dtype = bu.get("vector_dtype", cls.vector_dtype)
+        if vector_dtype not in ("float32", "float16"):
+            raise ValueError(f"dedup config: buckets.vector_dtype must be float32 or float16, got {vector_dtype!r}")
 
         threshold = section.get("threshold", "auto")
         if threshold in (None, "auto"):
@@ -125,6 +131,7 @@ class DedupSettings:
             recall_seed=_integer("recall.seed", rc.get("seed", defaults.recall_seed), 0),
             recall_target=_number("recall.target", rc.get("target", defaults.recall_target), 0.0, 1.0),
             verify=_verify_settings(section.get("verify")),
+            vector_dtype=vector_dtype,
         )
 
     @property
@@ -456,6 +463,43 @@ def bucket_pairs(rows: np.ndarray, x: np.ndarray, clusters: np.ndarray, threshol
     a, b, sim = within_cluster_pairs(x, clusters, threshold, settings.row_block, settings.col_block,
                                      settings.max_pairs, stats)
     return rows[a], rows[b], sim
+
+
+def bucket_pairs_with_new(rows: np.ndarray, x: np.ndarray, clusters: np.ndarray, is_new: np.ndarray, threshold: float,
+                          stats: PairSearchStats | None = None, block: int = 1024
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The within-cluster pairs of a bucket that involve at least one ``is_new`` member: what a bucket that
+    only gained rows adds to its earlier pairs. Costs (new members) x (their clusters' sizes) products instead
+    of the whole bucket's. Same conventions as :func:`bucket_pairs`."""
+    t0 = time.perf_counter()
+    rows = np.asarray(rows, np.int64)
+    clusters = np.asarray(clusters)
+    is_new = np.asarray(is_new, bool)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    thr = np.float32(threshold)
+    out_a, out_b, out_s, products = [], [], [], 0
+    for c in np.unique(clusters[is_new]):
+        members = np.flatnonzero(clusters == c)
+        fresh = members[is_new[members]]
+        for start in range(0, len(fresh), block):
+            q = fresh[start:start + block]
+            sims = x[q] @ x[members].T
+            products += sims.size
+            r, k = np.nonzero(sims >= thr)
+            qa, mb = q[r], members[k]
+            keep = (qa != mb) & (~is_new[mb] | (qa < mb))  # a new-new pair once
+            out_a.append(rows[qa[keep]])
+            out_b.append(rows[mb[keep]])
+            out_s.append(sims[r[keep], k[keep]])
+    if stats is not None:
+        stats.dot_products += products
+        stats.seconds += time.perf_counter() - t0
+    if not out_a or sum(len(v) for v in out_a) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, s = np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_s).astype(np.float32)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    order = np.lexsort((hi, lo))
+    return lo[order], hi[order], s[order]
 
 
 def union_pairs(

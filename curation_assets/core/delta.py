@@ -80,17 +80,20 @@ def partition_columns(path: str | Path) -> list[str] | None:
     return list(DeltaTable(str(path)).metadata().partition_columns) if table_exists(path) else None
 
 
-def partition_files(path: str | Path) -> pl.DataFrame:
-    """One row per data file of the current version: ``path`` plus one column per partition column (as
-    strings). The file names are unique per write, so a partition's file list fingerprints its content."""
+def partition_files(path: str | Path, stats: Sequence[str] = ()) -> pl.DataFrame:
+    """One row per data file of the current version: ``path``, one column per partition column (as strings)
+    and ``min.<c>`` / ``max.<c>`` of each column in ``stats`` (from the file statistics; null when the table
+    keeps none). File names are unique per write, so a partition's file list fingerprints its content."""
     from deltalake import DeltaTable
 
     if not table_exists(path):
         return pl.DataFrame({"path": []}, schema={"path": pl.String})
     actions = pl.DataFrame(DeltaTable(str(path)).get_add_actions(flatten=True))
     parts = [c for c in actions.columns if c.startswith("partition.")]
+    wanted = [f"{kind}.{c}" for c in stats for kind in ("min", "max")]
     return actions.select(pl.col("path").cast(pl.String),
-                          *[pl.col(c).cast(pl.String).alias(c.removeprefix("partition.")) for c in parts])
+                          *[pl.col(c).cast(pl.String).alias(c.removeprefix("partition.")) for c in parts],
+                          *[(pl.col(c) if c in actions.columns else pl.lit(None)).cast(pl.String).alias(c) for c in wanted])
 
 
 def read_partition(path: str | Path, partition: dict[str, str | int], columns: Sequence[str] | None = None
@@ -283,6 +286,42 @@ def matrix(column: pl.Series) -> np.ndarray:
         raise ValueError("embedding column mixes vector lengths or has nulls")
     flat = column.explode().to_numpy()
     return np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(-1, dim))
+
+
+VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def vectors_to_binary(x: np.ndarray, dtype: str = "float32") -> pl.Series:
+    """An ``n x d`` matrix as a Binary column of packed little-endian rows (``float32`` or ``float16``, half
+    the bytes), built from one buffer without per-row Python objects."""
+    import pyarrow as pa
+
+    packed = np.ascontiguousarray(x, dtype=np.dtype(VECTOR_DTYPES[dtype]).newbyteorder("<"))
+    width = packed.shape[1] * packed.itemsize if packed.ndim == 2 else 0
+    if len(packed) == 0 or width == 0:
+        return pl.Series("vector", [], dtype=pl.Binary)
+    arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(packed), [None, pa.py_buffer(packed.tobytes())])
+    return pl.Series("vector", pl.from_arrow(arr.cast(pa.large_binary())), dtype=pl.Binary)
+
+
+def binary_to_matrix(column: pl.Series, dim: int) -> np.ndarray:
+    """The float32 matrix of a column written by :func:`vectors_to_binary` (its dtype read from the row width)."""
+    if column.len() == 0:
+        return np.zeros((0, dim), np.float32)
+    lengths = column.bin.size("b")
+    width = int(lengths[0])
+    if column.null_count() or lengths.min() != width or lengths.max() != width or width % dim:
+        raise ValueError(f"vector column mixes row widths or has nulls (expected a multiple of {dim} per row)")
+    itemsize = width // dim
+    dtype = {4: np.float32, 2: np.float16}.get(itemsize)
+    if dtype is None:
+        raise ValueError(f"vector rows of {width} bytes for dimension {dim}: not float32 or float16")
+    arr = column.to_arrow()
+    if hasattr(arr, "combine_chunks"):
+        arr = arr.combine_chunks()
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return np.ascontiguousarray(data.view(np.dtype(dtype).newbyteorder("<")).reshape(-1, dim), dtype=np.float32)
 
 
 def load_embeddings(path: str | Path, shards: Iterable[str] | None = None) -> tuple[pl.DataFrame, np.ndarray]:
