@@ -86,43 +86,81 @@ def bucket_fingerprints(storage: DeltaStorage, versions: dict[str, str], thresho
 
     files = storage.partition_files(ASSIGNMENTS, stats=["shard"])
     one_shard = pl.col("min.shard") == pl.col("max.shard")  # always, unless a compaction merged shards
-    files = files.select("clustering", pl.col("bucket").cast(pl.Int32), "path",
+    files = files.select("clustering", pl.col("bucket").cast(pl.Int32), "path", "num_records",
                          pl.when(one_shard).then(pl.col("min.shard")).alias("shard"))
     grouped = (files.sort("path").group_by("clustering", "bucket")
-               .agg(pl.col("path").alias("files"), pl.col("shard").alias("shards"))
+               .agg(pl.col("path").alias("files"), pl.col("shard").alias("shards"),
+                    pl.col("num_records").sum().alias("rows"))
                .sort("clustering", "bucket"))
     base = [digest(f"{versions.get(c, '')}|{threshold!r}") for c in grouped["clustering"].to_list()]
     prints = [digest(f"{b}|{'|'.join(paths)}") for b, paths in zip(base, grouped["files"].to_list())]
     return grouped.select(
         (pl.col("clustering") + ":" + pl.col("bucket").cast(pl.String)).alias("bucket_key"), "clustering", "bucket",
-        "files", "shards", pl.Series("base", base, dtype=pl.String), pl.Series("fingerprint", prints, dtype=pl.String))
+        "rows", "files", "shards", pl.Series("base", base, dtype=pl.String), pl.Series("fingerprint", prints, dtype=pl.String))
 
 
-def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, dim: int, threshold: float,
-                  cfg: core.DedupSettings, stats: core.PairSearchStats, new_shards: list[str] | None = None
-                  ) -> tuple[pl.DataFrame, int, pl.Series | None]:
+def bucket_row_cap(budget: int, dim: int) -> int:
+    """Rows of a bucket one read may hold: each costs its packed vector, its float32 copy and its uid (~64
+    bytes), and a read may use half the step's memory budget (the rest: the pairs and the search blocks)."""
+    return max(1, int(budget) // 2 // (dim * 8 + 64))
+
+
+def cluster_chunks(clusters: np.ndarray, cap: int) -> list[tuple[int, int]]:
+    """Consecutive cluster-id ranges ``(lo, hi)`` (inclusive) of a bucket, each holding at most ``cap`` rows
+    unless one cluster alone is larger; every cluster lies in one range, so searching the ranges one by one
+    finds exactly the bucket's pairs."""
+    ids, counts = np.unique(clusters, return_counts=True)
+    chunks: list[tuple[int, int]] = []
+    lo, last, rows = None, None, 0
+    for cluster, count in zip(ids.tolist(), counts.tolist()):
+        if lo is not None and rows + count > cap:
+            chunks.append((lo, last))
+            lo, rows = None, 0
+        if lo is None:
+            lo = cluster
+        rows += count
+        last = cluster
+    if lo is not None:
+        chunks.append((lo, last))
+    return chunks
+
+
+def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, rows: int, dim: int, threshold: float,
+                  cfg: core.DedupSettings, stats: core.PairSearchStats, row_cap: int,
+                  new_shards: list[str] | None = None) -> tuple[pl.DataFrame, int, pl.Series | None]:
     """The reduce step for one bucket: its members' vectors (only its files are read) and the pairs within
-    each of its clusters, as uids (``uid_a < uid_b``). With ``new_shards``, only the pairs that involve a
+    each of its clusters, as uids (``uid_a < uid_b``). A bucket of more than ``row_cap`` rows is read in
+    ranges of whole clusters (:func:`cluster_chunks`). With ``new_shards``, only the pairs that involve a
     member of those shards (the bucket's earlier pairs stay valid); their uids are returned too. Returns the
-    pairs, the member count and the new members' uids (or None)."""
-    part = storage.read_partition(ASSIGNMENTS, {"clustering": clustering, "bucket": bucket},
-                                  ["uid", "shard", "cluster", "vector"]).sort("uid")
-    x = binary_to_matrix(part["vector"], dim)
-    clusters = part["cluster"].to_numpy()
-    new_uids = None
-    if new_shards is None:
-        a, b, sim = core.bucket_pairs(np.arange(part.height), x, clusters, threshold, cfg, stats)
+    pairs, the most rows held at once and the new members' uids (or None)."""
+    where = {"clustering": clustering, "bucket": bucket}
+    if rows > row_cap:
+        ids = storage.read_partition(ASSIGNMENTS, where, ["cluster"])["cluster"].to_numpy()
+        ranges = [[("cluster", ">=", lo), ("cluster", "<=", hi)] for lo, hi in cluster_chunks(ids, row_cap)]
     else:
-        is_new = part["shard"].is_in(new_shards).to_numpy()
-        new_uids = part.filter(pl.Series(is_new))["uid"]
-        a, b, sim = core.bucket_pairs_with_new(np.arange(part.height), x, clusters, is_new, threshold, stats)
-    uids = part["uid"]
-    return pl.DataFrame({
-        "bucket_key": pl.Series([f"{clustering}:{bucket}"] * len(a), dtype=pl.String),
-        "clustering": pl.Series([clustering] * len(a), dtype=pl.String),
-        "bucket": pl.Series([bucket] * len(a), dtype=pl.Int32),
-        "uid_a": uids.gather(a), "uid_b": uids.gather(b), "similarity": pl.Series(sim, dtype=pl.Float32),
-    }, schema=BUCKET_PAIRS_SCHEMA), part.height, new_uids
+        ranges = [[]]
+    frames, new_parts, held = [], [], 0
+    for extra in ranges:
+        part = storage.read_partition(ASSIGNMENTS, where, ["uid", "shard", "cluster", "vector"], extra).sort("uid")
+        held = max(held, part.height)
+        x = binary_to_matrix(part["vector"], dim)
+        clusters = part["cluster"].to_numpy()
+        if new_shards is None:
+            a, b, sim = core.bucket_pairs(np.arange(part.height), x, clusters, threshold, cfg, stats)
+        else:
+            is_new = part["shard"].is_in(new_shards).to_numpy()
+            new_parts.append(part.filter(pl.Series(is_new))["uid"])
+            a, b, sim = core.bucket_pairs_with_new(np.arange(part.height), x, clusters, is_new, threshold, stats)
+        uids = part["uid"]
+        frames.append(pl.DataFrame({
+            "bucket_key": pl.Series([f"{clustering}:{bucket}"] * len(a), dtype=pl.String),
+            "clustering": pl.Series([clustering] * len(a), dtype=pl.String),
+            "bucket": pl.Series([bucket] * len(a), dtype=pl.Int32),
+            "uid_a": uids.gather(a), "uid_b": uids.gather(b), "similarity": pl.Series(sim, dtype=pl.Float32),
+        }, schema=BUCKET_PAIRS_SCHEMA))
+        del part, x
+    new_uids = pl.concat(new_parts) if new_parts else None
+    return pl.concat(frames), held, new_uids
 
 
 def _plan(current: pl.DataFrame, previous: pl.DataFrame | None) -> pl.DataFrame:
@@ -148,7 +186,7 @@ def _plan(current: pl.DataFrame, previous: pl.DataFrame | None) -> pl.DataFrame:
 
 
 def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, threshold: float,
-                   cfg: core.DedupSettings, log) -> tuple[pl.DataFrame, dict]:
+                   cfg: core.DedupSettings, budget: int, log) -> tuple[pl.DataFrame, dict]:
     """Search the buckets that changed since their last search (only the new rows of a bucket that merely
     gained shards), keep the stored pairs of the others, and return all pairs (``bucket_pairs``) with what
     was done. A bucket's new pairs are committed before its new state, so a crash in between only repeats
@@ -159,11 +197,12 @@ def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, th
     stats = core.PairSearchStats()
     frames, members, seconds, replaced = [], {}, {}, []
     todo = plan.filter(pl.col("action") != "reuse")
-    for key, clustering, bucket, action, new_shards in todo.select(
-            "bucket_key", "clustering", "bucket", "action", "new_shards").iter_rows():
+    row_cap = bucket_row_cap(budget, dim)
+    for key, clustering, bucket, rows, action, new_shards in todo.select(
+            "bucket_key", "clustering", "bucket", "rows", "action", "new_shards").iter_rows():
         started = time.perf_counter()
-        pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, dim, threshold, cfg, stats,
-                                                      new_shards if action == "add" else None)
+        pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, rows, dim, threshold, cfg, stats,
+                                                      row_cap, new_shards if action == "add" else None)
         if new_uids is not None:  # keep the bucket's earlier pairs that involve none of its new rows
             kept = (storage.scan(BUCKET_PAIRS).filter(pl.col("bucket_key") == key)
                     .filter(~pl.col("uid_a").is_in(new_uids.implode()) & ~pl.col("uid_b").is_in(new_uids.implode()))
@@ -182,12 +221,12 @@ def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, th
         else:
             storage.write_table(BUCKET_PAIRS, new_pairs)
     state = plan.with_columns(
-        pl.col("bucket_key").replace_strict(members, default=None, return_dtype=pl.Int64).alias("members"),
+        pl.col("bucket_key").replace_strict(members, default=None, return_dtype=pl.Int64).alias("read_rows"),
         pl.col("bucket_key").replace_strict(seconds, default=None, return_dtype=pl.Float64).alias("seconds"))
-    if previous is not None and "members" in previous.columns:  # reused buckets keep their last numbers
-        last = previous.select("bucket_key", pl.col("members").alias("m0"), pl.col("seconds").alias("s0"))
+    if previous is not None and "read_rows" in previous.columns:  # reused buckets keep their last numbers
+        last = previous.select("bucket_key", pl.col("read_rows").alias("m0"), pl.col("seconds").alias("s0"))
         state = (state.join(last, on="bucket_key", how="left")
-                 .with_columns(pl.col("members").fill_null(pl.col("m0")), pl.col("seconds").fill_null(pl.col("s0")))
+                 .with_columns(pl.col("read_rows").fill_null(pl.col("m0")), pl.col("seconds").fill_null(pl.col("s0")))
                  .drop("m0", "s0"))
     storage.write_table(BUCKET_STATE, state.drop("new_shards").sort("bucket_key"))
     pairs = storage.read(BUCKET_PAIRS) if storage.exists(BUCKET_PAIRS) else pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)
@@ -199,7 +238,8 @@ def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, th
         f"new rows only, {counts.get('reuse', 0)} unchanged; {stats.seconds:.1f}s; {pairs.height} pairs in all")
     return pairs, {"buckets": current.height, "buckets_searched": counts.get("search", 0),
                    "buckets_searched_new_rows_only": counts.get("add", 0), "buckets_reused": counts.get("reuse", 0),
-                   "largest_bucket": max(members.values(), default=0), "stats": stats}
+                   "largest_bucket": int(current["rows"].max() or 0) if current.height else 0,
+                   "largest_read_rows": max(members.values(), default=0), "read_row_cap": row_cap, "stats": stats}
 
 
 def union_bucket_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
@@ -251,7 +291,8 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     dims = centroids["dim"].unique().to_list()
     if len(dims) != 1:
         raise dg.Failure(f"kmeans_centroids mixes dimensions {dims}: refit kmeans_centroids")
-    found, bucket_meta = search_buckets(storage, versions, int(dims[0]), threshold, cfg, context.log.info)
+    found, bucket_meta = search_buckets(storage, versions, int(dims[0]), threshold, cfg, settings.memory_budget(),
+                                        context.log.info)
     stats = bucket_meta.pop("stats")
     per_clustering = [int((found["clustering"] == c).sum()) for c in ALL_CLUSTERINGS]
     pairs = union_bucket_pairs(found).cast({k: v for k, v in PAIRS_SCHEMA.items()

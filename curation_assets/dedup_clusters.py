@@ -124,23 +124,16 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
     rows, meta = [], {}
     keys = partition_keys(context) or ALL_CLUSTERINGS
     seeds = {key: core.clustering_seed(cfg.seed, int(key)) for key in keys}
-    subsets = {key: core.fit_subset(n, k, seeds[key], cfg.fit_points_per_centroid) for key in keys}
-    fit_rows = _fit_rows(storage, index, subsets)  # every shard is read once for all clusterings of this step
-    for key in keys:
-        started = time.perf_counter()
-        seed = seeds[key]
-        x_fit = fit_rows[key]
-        centroids = core.fit_two_level(x_fit, k, seed, cfg.niter, kmeans=vector_search.kmeans)
-        version = centroids.version()
-        path = _save_centroids(storage, key, centroids, version)
-        seconds = time.perf_counter() - started
-        rows.append({"clustering": key, "k": centroids.k, "buckets": centroids.buckets, "dim": centroids.dim,
-                     "n_embeddings": n,
-                     "n_fit": len(x_fit), "seed": seed, "niter": cfg.niter, "encoder": encoder, "version": version,
-                     "path": path, "fit_seconds": seconds, "fitted_at": datetime.now(timezone.utc).isoformat()})
-        context.log.info(f"clustering {key}: K={centroids.k} in {centroids.buckets} buckets fitted on {len(x_fit)} "
-                         f"of {n} in {seconds:.1f}s")
-        meta[f"version_{key}"] = version
+    budget, dim = settings.memory_budget(), _embedding_dim(storage)
+    cap = core.fit_points_within(budget, dim)
+    subsets = {key: core.fit_subset(n, k, seeds[key], cfg.fit_points_per_centroid, max_points=cap) for key in keys}
+    passes = _passes(keys, {key: len(v) for key, v in subsets.items()}, cap)
+    for group in passes:  # each pass reads every shard once for the clusterings whose subsets fit together
+        fit_rows = _fit_rows(storage, index, {key: subsets[key] for key in group})
+        for key in group:
+            rows.append(_fit_one(context, storage, vector_search, cfg, key, seeds[key], fit_rows.pop(key), k, n,
+                                 encoder))
+            meta[f"version_{key}"] = rows[-1]["version"]
     _write_centroid_rows(storage, pl.DataFrame(rows))
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("kmeans_centroids", "dedup-recall"),
@@ -148,14 +141,46 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
         "k_rule": f"ceil(n / {cfg.cluster_size})" + (f", at most {cfg.k_max}" if cfg.k_max else "")
                   + "; buckets = ceil(sqrt(K))",
         "n_fit": rows[0]["n_fit"], "fit_seconds": dg.MetadataValue.float(sum(r["fit_seconds"] for r in rows)),
+        "memory_budget_gb": dg.MetadataValue.float(budget / (1 << 30)), "fit_points_cap": cap,
+        "fit_passes": len(passes),
         "centroids_dir": dg.MetadataValue.path(str(storage.artifact_dir(CENTROIDS))), **meta,
     })
+
+
+def _embedding_dim(storage: DeltaStorage) -> int:
+    return int(storage.scan("image_embeddings").select(pl.col("embedding").list.len()).head(1).collect().item())
+
+
+def _passes(keys: list[str], sizes: dict[str, int], cap: int) -> list[list[str]]:
+    """Clusterings grouped so that the fit subsets loaded together hold at most ``cap`` points."""
+    passes: list[list[str]] = []
+    for key in keys:
+        if passes and sum(sizes[k] for k in passes[-1]) + sizes[key] <= cap:
+            passes[-1].append(key)
+        else:
+            passes.append([key])
+    return passes
+
+
+def _fit_one(context, storage: DeltaStorage, vector_search: VectorSearch, cfg: core.DedupSettings, key: str,
+             seed: int, x_fit: np.ndarray, k: int, n: int, encoder: str) -> dict:
+    started = time.perf_counter()
+    centroids = core.fit_two_level(x_fit, k, seed, cfg.niter, kmeans=vector_search.kmeans)
+    version = centroids.version()
+    path = _save_centroids(storage, key, centroids, version)
+    seconds = time.perf_counter() - started
+    context.log.info(f"clustering {key}: K={centroids.k} in {centroids.buckets} buckets fitted on {len(x_fit)} "
+                     f"of {n} in {seconds:.1f}s")
+    return {"clustering": key, "k": centroids.k, "buckets": centroids.buckets, "dim": centroids.dim,
+            "n_embeddings": n, "n_fit": len(x_fit), "seed": seed, "niter": cfg.niter, "encoder": encoder,
+            "version": version, "path": path, "fit_seconds": seconds,
+            "fitted_at": datetime.now(timezone.utc).isoformat()}
 
 
 def _fit_rows(storage: DeltaStorage, index: pl.DataFrame, subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The embeddings of each clustering's fit subset (row numbers into ``index``), reading each shard once."""
     wanted = pl.concat([
-        index[rows.tolist()].select("uid", "shard").with_columns(pl.lit(key).alias("clustering"))
+        index[rows].select("uid", "shard").with_columns(pl.lit(key).alias("clustering"))
         for key, rows in subsets.items()
     ])
     parts: dict[str, list[np.ndarray]] = {key: [] for key in subsets}

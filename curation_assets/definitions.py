@@ -10,6 +10,8 @@ tests all see the same data root:
   ``CURATION_CLIP_MODEL`` and ``CURATION_CLIP_PRETRAINED`` (a pretrained tag or a local checkpoint path).
 - ``CURATION_ALERT_WEBHOOK``, ``CURATION_SLACK_CHANNEL``, ``CURATION_SLACK_TOKEN``: where drift alerts go
   (``resources/alerts.py``), read through ``dg.EnvVar``.
+- ``CURATION_MEMORY_GB``: memory budget of one step (default 4): global steps size their reads and k-means
+  samples to it.
 - ``CURATION_REFRESH_CRON``: how often global assets may refresh by themselves (``automation.py``).
 """
 
@@ -38,6 +40,19 @@ STAGES = (ingest, embeddings, image_attributes, safety_labels, safety, safety_fi
 """Stage modules with a module-level ``defs``; ``clip_bias_audit.build_defs`` depends on the settings."""
 
 
+def _memory_gb() -> float | None:
+    value = os.environ.get("CURATION_MEMORY_GB")
+    if not value:
+        return None
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0:
+        raise ValueError(f"CURATION_MEMORY_GB must be a positive number of gigabytes, got {value!r}")
+    return gb
+
+
 def build_resources(
     root: str | None = None,
     shards_dir: str | None = None,
@@ -57,7 +72,7 @@ def build_resources(
         )
     return {
         "storage": DeltaStorage(root=root),
-        "settings": CurationSettings(config_path=config_path),
+        "settings": CurationSettings(config_path=config_path, memory_gb=_memory_gb()),
         "shard_source": ShardSource(uri=shards_dir),
         "encoder": encoder,
         "vector_search": VectorSearch(),

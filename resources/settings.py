@@ -11,6 +11,9 @@ from typing import Any, Optional
 import dagster as dg
 import yaml
 
+DEFAULT_MEMORY_GB = 4.0
+"""The per-step memory budget when ``CURATION_MEMORY_GB`` is not set."""
+
 STAGES = ("ingest", "embeddings", "safety", "bias", "dedup", "audits")
 
 
@@ -64,6 +67,15 @@ class CurationSettings(dg.ConfigurableResource):
     (a YAML mapping with one section per stage: ingest, embeddings, safety, bias, dedup, audits)."""
 
     config_path: Optional[str] = None
+    memory_gb: Optional[float] = None
+
+    def memory_budget(self) -> int:
+        """The memory one step may use for its data, in bytes: ``memory_gb`` (``CURATION_MEMORY_GB``), else
+        :data:`DEFAULT_MEMORY_GB`. Global steps size their reads and fit samples to it."""
+        gb = DEFAULT_MEMORY_GB if self.memory_gb is None else float(self.memory_gb)
+        if not gb > 0:
+            raise ValueError(f"the memory budget must be positive, got {gb} GB (CURATION_MEMORY_GB)")
+        return int(gb * (1 << 30))
 
     def section(self, stage: str) -> dict[str, Any]:
         if stage not in STAGES:

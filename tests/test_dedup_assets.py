@@ -218,3 +218,37 @@ def test_pairs_verified_on_pixels_and_groups_use_verified_only(deduped):
     ok = pairs["verified"].to_numpy()
     assert ok.sum() > 0 and planted[ok].mean() > planted.mean() + 0.2
     assert planted[ok].sum() >= 0.9 * planted.sum()
+
+
+def test_a_tiny_memory_budget_is_honoured_and_finds_the_same_pairs(deduped, tmp_path, monkeypatch):
+    import shutil
+
+    from tests.conftest import open_ingested
+
+    monkeypatch.setenv("CURATION_MEMORY_GB", "0.0002")  # ~210 KB: tens of rows per read, tens of fit points
+    state = open_ingested(deduped.corpus, tmp_path / "root", source=deduped.root)
+    shutil.rmtree(state.storage.table_path("bucket_state"))
+    meta = _dedup_search(state)
+    assert meta["buckets_searched"] == 20
+    cap = meta["read_row_cap"]
+    sizes = (state.storage.read("cluster_assignments").group_by("clustering", "cluster").len()["len"].max())
+    assert meta["largest_bucket"] > cap, "the budget must force buckets to be read in cluster ranges"
+    assert meta["largest_read_rows"] <= max(cap, sizes)
+    before = deduped.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    after = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    assert after.select("uid_a", "uid_b", "clusterings", "verified").equals(
+        before.select("uid_a", "uid_b", "clusterings", "verified"))
+    state.materialize(["kmeans_centroids"])
+    event = state.pipeline.instance.get_latest_materialization_event(dg.AssetKey("kmeans_centroids"))
+    fit = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert fit["n_fit"] <= max(fit["fit_points_cap"], fit["k"]) < 320 and fit["fit_passes"] == 5
+
+
+def test_memory_budget_setting_is_validated(monkeypatch):
+    from curation_assets.definitions import build_resources
+
+    monkeypatch.setenv("CURATION_MEMORY_GB", "lots")
+    with pytest.raises(ValueError, match="CURATION_MEMORY_GB must be a positive number"):
+        build_resources(root="x")
+    monkeypatch.setenv("CURATION_MEMORY_GB", "1.5")
+    assert build_resources(root="x")["settings"].memory_budget() == int(1.5 * (1 << 30))

@@ -193,9 +193,23 @@ def clustering_seed(base_seed: int, clustering: int) -> int:
     return int(base_seed) + int(clustering)
 
 
-def fit_subset(n: int, k: int, seed: int, fit_points_per_centroid: int = 40) -> np.ndarray:
-    """Sorted row indices of the random subset a clustering is fitted on (all rows when n is small)."""
+FIT_COPIES = 4
+"""Copies of a fit subset alive during a fit (the subset, faiss's own, the per-bucket slices, distances): a
+memory budget of M bytes allows ``M / (FIT_COPIES * 4 * d)`` fit points."""
+
+
+def fit_points_within(budget_bytes: int, dim: int) -> int:
+    """The most fit points (float32, ``dim`` wide) a memory budget allows."""
+    return max(1, int(budget_bytes) // (FIT_COPIES * 4 * max(1, int(dim))))
+
+
+def fit_subset(n: int, k: int, seed: int, fit_points_per_centroid: int = 40, max_points: int | None = None
+               ) -> np.ndarray:
+    """Sorted row indices of the random subset a clustering is fitted on (all rows when n is small), at most
+    ``max_points`` rows (a memory budget: fewer points per centroid, never fewer than K)."""
     size = min(n, max(k, k * fit_points_per_centroid))
+    if max_points is not None:
+        size = min(size, max(min(n, k), int(max_points)))
     if size >= n:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)

@@ -87,21 +87,22 @@ def partition_files(path: str | Path, stats: Sequence[str] = ()) -> pl.DataFrame
     from deltalake import DeltaTable
 
     if not table_exists(path):
-        return pl.DataFrame({"path": []}, schema={"path": pl.String})
+        return pl.DataFrame(schema={"path": pl.String, "num_records": pl.Int64})
     actions = pl.DataFrame(DeltaTable(str(path)).get_add_actions(flatten=True))
     parts = [c for c in actions.columns if c.startswith("partition.")]
     wanted = [f"{kind}.{c}" for c in stats for kind in ("min", "max")]
-    return actions.select(pl.col("path").cast(pl.String),
+    return actions.select(pl.col("path").cast(pl.String), pl.col("num_records").cast(pl.Int64),
                           *[pl.col(c).cast(pl.String).alias(c.removeprefix("partition.")) for c in parts],
                           *[(pl.col(c) if c in actions.columns else pl.lit(None)).cast(pl.String).alias(c) for c in wanted])
 
 
-def read_partition(path: str | Path, partition: dict[str, str | int], columns: Sequence[str] | None = None
-                   ) -> pl.DataFrame:
-    """The rows of one partition (only its files are read)."""
+def read_partition(path: str | Path, partition: dict[str, str | int], columns: Sequence[str] | None = None,
+                   where: Sequence[tuple] = ()) -> pl.DataFrame:
+    """The rows of one partition (only its files are read), optionally only those matching ``where``
+    (``(column, op, value)`` filters, applied while scanning, so only matching rows are held)."""
     from deltalake import DeltaTable
 
-    filters = [(key, "=", value) for key, value in partition.items()]
+    filters = [(key, "=", value) for key, value in partition.items()] + list(where)
     table = DeltaTable(str(path)).to_pyarrow_table(filters=filters, columns=list(columns) if columns else None)
     return pl.from_arrow(table)
 
