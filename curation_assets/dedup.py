@@ -125,23 +125,22 @@ def cluster_chunks(clusters: np.ndarray, cap: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, rows: int, dim: int, threshold: float,
-                  cfg: core.DedupSettings, stats: core.PairSearchStats, row_cap: int,
+def search_bucket(storage: DeltaStorage, clustering: str, bucket: int, files: list[str], rows: int, dim: int,
+                  threshold: float, cfg: core.DedupSettings, stats: core.PairSearchStats, row_cap: int,
                   new_shards: list[str] | None = None) -> tuple[pl.DataFrame, int, pl.Series | None]:
     """The reduce step for one bucket: its members' vectors (only its files are read) and the pairs within
     each of its clusters, as uids (``uid_a < uid_b``). A bucket of more than ``row_cap`` rows is read in
     ranges of whole clusters (:func:`cluster_chunks`). With ``new_shards``, only the pairs that involve a
     member of those shards (the bucket's earlier pairs stay valid); their uids are returned too. Returns the
     pairs, the most rows held at once and the new members' uids (or None)."""
-    where = {"clustering": clustering, "bucket": bucket}
     if rows > row_cap:
-        ids = storage.read_partition(ASSIGNMENTS, where, ["cluster"])["cluster"].to_numpy()
-        ranges = [[("cluster", ">=", lo), ("cluster", "<=", hi)] for lo, hi in cluster_chunks(ids, row_cap)]
+        ids = storage.read_files(ASSIGNMENTS, files, ["cluster"])["cluster"].to_numpy()
+        ranges = [pl.col("cluster").is_between(lo, hi) for lo, hi in cluster_chunks(ids, row_cap)]
     else:
-        ranges = [[]]
+        ranges = [None]
     frames, new_parts, held = [], [], 0
-    for extra in ranges:
-        part = storage.read_partition(ASSIGNMENTS, where, ["uid", "shard", "cluster", "vector"], extra).sort("uid")
+    for where in ranges:
+        part = storage.read_files(ASSIGNMENTS, files, ["uid", "shard", "cluster", "vector"], where).sort("uid")
         held = max(held, part.height)
         x = binary_to_matrix(part["vector"], dim)
         clusters = part["cluster"].to_numpy()
@@ -198,11 +197,11 @@ def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, th
     frames, members, seconds, replaced = [], {}, {}, []
     todo = plan.filter(pl.col("action") != "reuse")
     row_cap = bucket_row_cap(budget, dim)
-    for key, clustering, bucket, rows, action, new_shards in todo.select(
-            "bucket_key", "clustering", "bucket", "rows", "action", "new_shards").iter_rows():
+    for key, clustering, bucket, files, rows, action, new_shards in todo.select(
+            "bucket_key", "clustering", "bucket", "files", "rows", "action", "new_shards").iter_rows():
         started = time.perf_counter()
-        pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, rows, dim, threshold, cfg, stats,
-                                                      row_cap, new_shards if action == "add" else None)
+        pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, files, rows, dim, threshold, cfg,
+                                                      stats, row_cap, new_shards if action == "add" else None)
         if new_uids is not None:  # keep the bucket's earlier pairs that involve none of its new rows
             kept = (storage.scan(BUCKET_PAIRS).filter(pl.col("bucket_key") == key)
                     .filter(~pl.col("uid_a").is_in(new_uids.implode()) & ~pl.col("uid_b").is_in(new_uids.implode()))

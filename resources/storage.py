@@ -92,9 +92,9 @@ class DeltaStorage(dg.ConfigurableResource):
     def partition_files(self, name: str, stats: Sequence[str] = ()) -> pl.DataFrame:
         return delta.partition_files(self.table_path(name), stats)
 
-    def read_partition(self, name: str, partition: dict, columns: Sequence[str] | None = None,
-                       where: Sequence[tuple] = ()) -> pl.DataFrame:
-        return delta.read_partition(self.table_path(name), partition, columns, where)
+    def read_files(self, name: str, files: Sequence[str], columns: Sequence[str], where: pl.Expr | None = None
+                   ) -> pl.DataFrame:
+        return delta.read_files(self.table_path(name), files, columns, where)
 
     def replace_where(self, name: str, df: pl.DataFrame, column: str, value: str | int) -> int:
         """Replace the rows of one key (``column = value``) of a table partitioned by ``column``."""
