@@ -32,6 +32,27 @@ def _encoder_threshold(model, cfg: RegurgitationConfig) -> tuple[float, str]:
     return float(cfg.fallback_threshold), "audits.regurgitation.fallback_threshold"
 
 
+def _search_streamed(storage: DeltaStorage, xq: np.ndarray, k: int, kept_uids: pl.Series | None) -> dict:
+    """Exact search of every reference set, reading the training embeddings one shard at a time."""
+    from curation_assets.core import regurgitation as rg
+
+    shards = sorted(storage.shards("image_embeddings"))
+
+    def shard_blocks(keep: bool):
+        for shard in shards:
+            ids, x = storage.load_embeddings([shard])
+            if keep:
+                mask = ids["uid"].is_in(kept_uids.implode()).to_numpy()
+                yield ids["uid"].filter(pl.Series(mask)).to_list(), x[mask]
+            else:
+                yield ids["uid"].to_list(), x
+
+    out = {"full": rg.search_streamed(shard_blocks(False), xq, k)}
+    if kept_uids is not None:
+        out["deduplicated"] = rg.search_streamed(shard_blocks(True), xq, k)
+    return out
+
+
 def _training_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: list[str]) -> dict[str, bytes]:
     """Encoded training images read back from their tars (one streaming pass per shard)."""
     from curation_assets.core.shards import read_images
@@ -85,35 +106,50 @@ def regurgitation_audit(
         raise ValueError(f"audits.regurgitation.generated={rc.generated}: no images found there")
     model = encoder.load()
     xq, variants = rg.encode_queries(model, [g.data for g in generated], rc.colour_shifts)
-    ids, xb = storage.load_embeddings()
-    encoders = sorted(ids["encoder"].unique().to_list()) if ids.height else []
+    summary_ids = (storage.scan("image_embeddings").group_by("encoder").agg(pl.len().alias("n")).collect()
+                   if storage.exists("image_embeddings") else pl.DataFrame({"encoder": [], "n": []}))
+    encoders = sorted(summary_ids["encoder"].to_list())
     if encoders and encoders != [model.name]:
         raise ValueError(f"training embeddings were made by {encoders} but the encoder resource is {model.name}: "
                          "re-materialise image_embeddings with this encoder or configure the same encoder")
+    n_train = int(summary_ids["n"].sum()) if summary_ids.height else 0
     threshold, threshold_source = _encoder_threshold(model, rc)
     index_cfg = cfg.index_config()
     gen_ids = [g.id for g in generated]
-    uids = ids["uid"].to_list()
-    context.log.info(f"searching {len(generated)} generated images against {len(uids)} training images "
-                     f"({index_cfg.choose(len(uids))} index, {variants} colour-shift variant(s) per image, "
-                     f"threshold {threshold} from {threshold_source})")
+    kind = index_cfg.choose(n_train)
+    streamed = kind == "flat" or n_train * xq.shape[1] * 4 > settings.memory_budget() // 2
+    context.log.info(f"searching {len(generated)} generated images against {n_train} training images "
+                     f"({'exact, streamed shard by shard' if streamed else kind + ' index'}, {variants} colour-shift "
+                     f"variant(s) per image, threshold {threshold} from {threshold_source})")
 
-    references: dict[str, tuple[list[str], np.ndarray]] = {"full": (uids, xb)}
+    kept_uids = None
     dedup_note = None
     if rc.deduplicated:
         dedup = storage.read_if_exists("deduplicated_samples")
         if dedup is None or "uid" not in dedup.columns:
             dedup_note = "deduplicated_samples not materialised (dedup stage not run): full set only"
         else:
-            if "kept" in dedup.columns:
-                dedup = dedup.filter(pl.col("kept"))
-            keep = ids["uid"].is_in(dedup["uid"].implode()).to_numpy()
+            kept_uids = (dedup.filter(pl.col("kept")) if "kept" in dedup.columns else dedup)["uid"]
+    names = ["full"] + (["deduplicated"] if kept_uids is not None else [])
+    tables, searches, sizes = [], {}, {}
+    if streamed:
+        results = _search_streamed(storage, xq, rc.k, kept_uids)
+        for reference in names:
+            result, ref_uids = results[reference]
+            searches[reference] = rg.merge_variants(result, variants)
+            sizes[reference] = result.n_train
+            tables.append(rg.neighbour_table(gen_ids, searches[reference], ref_uids, threshold, reference))
+    else:
+        ids, xb = storage.load_embeddings()
+        uids = ids["uid"].to_list()
+        references: dict[str, tuple[list[str], np.ndarray]] = {"full": (uids, xb)}
+        if kept_uids is not None:
+            keep = ids["uid"].is_in(kept_uids.implode()).to_numpy()
             references["deduplicated"] = ([u for u, k in zip(uids, keep) if k], xb[keep])
-
-    tables, searches = [], {}
-    for reference, (ref_uids, ref_x) in references.items():
-        searches[reference] = rg.merge_variants(rg.search(ref_x, xq, rc.k, index_cfg, threshold), variants)
-        tables.append(rg.neighbour_table(gen_ids, searches[reference], ref_uids, threshold, reference))
+        for reference, (ref_uids, ref_x) in references.items():
+            searches[reference] = rg.merge_variants(rg.search(ref_x, xq, rc.k, index_cfg, threshold), variants)
+            sizes[reference] = len(ref_uids)
+            tables.append(rg.neighbour_table(gen_ids, searches[reference], ref_uids, threshold, reference))
     table = pl.concat(tables)
     gen_bytes = {g.id: g.data for g in generated}
     verify = cfg.verify_config()
@@ -127,7 +163,7 @@ def regurgitation_audit(
     summaries = []
     for reference, result in searches.items():
         summary = rg.rate_summary(table, len(gen_ids), reference, rc.confidence)
-        summary.update(n_train=len(references[reference][0]), index=result.index_kind, recall_at_k=result.recall_at_k,
+        summary.update(n_train=sizes[reference], index=result.index_kind, recall_at_k=result.recall_at_k,
                        flag_recall=result.flag_recall, recall_queries=result.recall_queries, index_params=result.params)
         summaries.append(summary)
     storage.write_table("regurgitation_audit", table)
@@ -152,7 +188,7 @@ def regurgitation_audit(
         rpt.Section("matches", f"Flagged matches ({best.height} generated images; {len(matches)} shown)",
                     blocks=[rpt.matches_html(matches)] if matches else [rpt.paragraph("No generated image reaches the threshold.")]),
     ]
-    rpt.write_page(page_path, rpt.render_page("Regurgitation audit", sections, subtitle=f"training set: {len(uids)} images"))
+    rpt.write_page(page_path, rpt.render_page("Regurgitation audit", sections, subtitle=f"training set: {n_train} images"))
     (storage.artifact_dir("regurgitation_audit") / "matches.json").write_text(json.dumps(matches))
     storage.write_json("regurgitation_audit", {"status": "ok", "threshold": threshold, "threshold_source": threshold_source,
                                                   "encoder": model.name, "summaries": summaries, "note": dedup_note})
@@ -160,7 +196,7 @@ def regurgitation_audit(
     metadata: dict[str, Any] = {
         "dagster/row_count": table.height,
         "generated_images": len(gen_ids),
-        "training_images": len(uids),
+        "training_images": n_train, "search": "exact, streamed shard by shard" if streamed else kind,
         "threshold": threshold,
         "threshold_source": threshold_source,
         "index": full["index"],
@@ -174,7 +210,7 @@ def regurgitation_audit(
         metadata["index_recall_at_k"] = dg.FloatMetadataValue(full["recall_at_k"])
     if full["flag_recall"] is not None:
         metadata["index_flag_recall"] = dg.FloatMetadataValue(full["flag_recall"])
-    if "deduplicated" in references:
+    if "deduplicated" in searches:
         metadata["regurgitation_rate_deduplicated"] = dg.FloatMetadataValue(summaries[1]["rate"])
     return dg.MaterializeResult(metadata={**metadata, **storage.table_metadata("regurgitation_audit", "regurgitation")})
 

@@ -49,7 +49,7 @@ def test_regurgitation_flags_planted_copies_and_spares_novel_images(audited):
     summary = audited.storage.read_json("regurgitation_audit")
     full = summary["summaries"][0]
     assert full["n_flagged"] == best["flagged"].sum() and full["ci_low"] < full["rate"] < full["ci_high"]
-    assert full["index"] == "flat" and summary["threshold_source"] == "audits.regurgitation.thresholds[perceptual-v1]"
+    assert full["index"] == "flat-streamed" and summary["threshold_source"] == "audits.regurgitation.thresholds[perceptual-v1]"
     packaged = yaml.safe_load((Path(audits.__file__).parent / "configs" / "audits.yaml").read_text())["regurgitation"]
     assert summary["threshold"] == packaged["thresholds"]["perceptual-v1"]  # production settings, not test ones
     assert audits.audits_config(audited.settings).regurgitation.colour_shifts == packaged["colour_shifts"]

@@ -361,3 +361,23 @@ def test_candidate_threshold_calibration_keeps_the_quantile_of_synthetic_copies(
     originals, copies, kinds = rg.copy_pairs(3)
     assert len(originals) == len(copies) == 6 and kinds == ["encoder", "generator"] * 3
     assert originals[0] == originals[1] and copies[0] != copies[1]
+
+
+def test_streamed_exact_search_returns_the_flat_index_neighbours():
+    from curation_assets.core import regurgitation as rg
+
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((900, 16)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xb[[5, 77, 400]] + 0.05 * rng.standard_normal((3, 16)).astype(np.float32)
+    uids = [f"u{i:04d}" for i in range(len(xb))]
+    flat = rg.search(xb, xq, 7, rg.IndexConfig(kind="flat"))
+    cuts = [0, 100, 101, 450, 900]  # uneven blocks, one of a single row
+    blocks = [(uids[a:b], xb[a:b]) for a, b in zip(cuts, cuts[1:])]
+    streamed, names = rg.search_streamed(iter(blocks), xq, 7)
+    assert streamed.n_train == 900 and streamed.index_kind == "flat-streamed"
+    got = [[names[i] for i in row] for row in streamed.indices]
+    assert got == [[uids[i] for i in row] for row in flat.indices]
+    np.testing.assert_allclose(streamed.similarities, flat.similarities, atol=1e-5)
+    few, names = rg.search_streamed(iter([(uids[:3], xb[:3])]), xq, 7)  # fewer training rows than k
+    assert (few.indices[:, 3:] == -1).all() and len(names) == 3

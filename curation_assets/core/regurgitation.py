@@ -26,7 +26,7 @@ import math
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
@@ -202,6 +202,39 @@ def search(xb: np.ndarray, xq: np.ndarray, k: int, config: IndexConfig | None = 
         result.recall_at_k, result.flag_recall, result.recall_queries = measure_recall(
             xb, xq, result.indices[:, :kk], result.similarities[:, :kk], kk, config, threshold)
     return result
+
+
+def search_streamed(blocks: Iterable[tuple[Sequence[str], np.ndarray]], xq: np.ndarray, k: int
+                    ) -> tuple[SearchResult, list[str]]:
+    """Exact top-``k`` search of ``xq`` against training vectors streamed block by block (``(uids,
+    vectors)``, e.g. one shard at a time), merging each block's top-k into the running top-k: memory holds
+    the queries, one block and ``k`` neighbours per query, whatever the training set's size. Returns the
+    same neighbours as a flat index over the blocks concatenated (ties in block order) and the uids its
+    indices point into (only those of the neighbours)."""
+    import faiss
+
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    best_s = np.full((len(xq), k), -np.inf, np.float32)
+    best_u = np.full((len(xq), k), None, dtype=object)
+    n = 0
+    for uids, xb in blocks:
+        if len(xb) == 0 or len(xq) == 0:
+            continue
+        xb = np.ascontiguousarray(xb, dtype=np.float32)
+        n += len(xb)
+        kk = min(k, len(xb))
+        sims, idx = faiss.knn(xq, xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        cand_s = np.concatenate([best_s, sims], axis=1)
+        cand_u = np.concatenate([best_u, np.asarray(list(uids), dtype=object)[idx]], axis=1)
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(cand_s, order, axis=1)
+        best_u = np.take_along_axis(cand_u, order, axis=1)
+    found = best_u.reshape(-1)
+    names = sorted({u for u in found.tolist() if u is not None})
+    position = {u: i for i, u in enumerate(names)}
+    idx = np.array([position[u] if u is not None else -1 for u in found.tolist()], np.int64).reshape(best_u.shape)
+    best_s = np.where(idx >= 0, best_s, -np.inf).astype(np.float32)
+    return SearchResult(best_s, idx, "flat-streamed", n, params={"k": k}), names
 
 
 def colour_shift_grid(shifts: Sequence[int]) -> list[tuple[int, int, int]]:
