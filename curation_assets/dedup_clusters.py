@@ -272,18 +272,30 @@ def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage
 
 def check_assignments(storage: DeltaStorage, embedded: pl.DataFrame, versions: dict[str, str]) -> None:
     """Fail unless every shard of ``embedded`` (shard, n) has all its embeddings assigned, in every clustering,
-    with the current centroids (``versions``: clustering -> version). Reads only the small columns."""
+    with the current centroids (``versions``: clustering -> version). Reads only the data files' statistics
+    (row counts, and the shard and centroids version each file holds), not the rows."""
     if not storage.exists(ASSIGNMENTS):
         raise dg.Failure("cluster_assignments has not been materialised")
-    counts = (storage.scan(ASSIGNMENTS).group_by("shard", "clustering", "centroids_version")
-              .agg(pl.len().alias("assigned")).collect())
+    files = storage.partition_files(ASSIGNMENTS, stats=["shard", "centroids_version"])
+    if files.height and files.select(pl.all().is_null().any()).select(pl.any_horizontal(pl.all())).item():
+        raise dg.Failure("cluster_assignments files lack statistics: re-materialise cluster_assignments")
+    mixed = files.filter((pl.col("min.shard") != pl.col("max.shard"))
+                         | (pl.col("min.centroids_version") != pl.col("max.centroids_version")))
+    if mixed.height:  # a compaction merged shards: count the rows instead
+        counts = (storage.scan(ASSIGNMENTS).group_by("shard", "clustering", "centroids_version")
+                  .agg(pl.len().alias("assigned")).collect())
+    else:
+        counts = (files.group_by(pl.col("min.shard").alias("shard"), "clustering",
+                                 pl.col("min.centroids_version").alias("centroids_version"))
+                  .agg(pl.col("num_records").sum().alias("assigned")))
     stale = counts.filter(pl.col("centroids_version") != pl.col("clustering").replace_strict(versions, default=""))
     if stale.height:
         shards = sorted(stale["shard"].unique().to_list())
         raise dg.Failure(f"cluster_assignments of shards {shards[:20]} were made with centroids that have since been "
                          "refitted: re-materialise cluster_assignments for every shard")
+    counts = counts.group_by("shard", "clustering").agg(pl.col("assigned").sum())
     expected = embedded.join(pl.DataFrame({"clustering": ALL_CLUSTERINGS}), how="cross")
-    joined = expected.join(counts.select("shard", "clustering", "assigned"), on=["shard", "clustering"], how="left")
+    joined = expected.join(counts, on=["shard", "clustering"], how="left")
     missing = joined.filter(pl.col("assigned").is_null() | (pl.col("assigned") != pl.col("n")))
     if missing.height:
         shards = sorted(missing["shard"].unique().to_list())

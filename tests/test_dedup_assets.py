@@ -252,3 +252,18 @@ def test_memory_budget_setting_is_validated(monkeypatch):
         build_resources(root="x")
     monkeypatch.setenv("CURATION_MEMORY_GB", "1.5")
     assert build_resources(root="x")["settings"].memory_budget() == int(1.5 * (1 << 30))
+
+
+def test_stale_or_missing_assignments_are_refused(deduped):
+    from curation_assets.dedup_clusters import check_assignments, current_centroids
+
+    storage = deduped.storage
+    centroids = current_centroids(storage)
+    versions = dict(zip(centroids["clustering"], centroids["version"]))
+    embedded = storage.scan("image_embeddings").group_by("shard").agg(pl.len().alias("n")).collect()
+    check_assignments(storage, embedded, versions)
+    with pytest.raises(dg.Failure, match="since been refitted"):
+        check_assignments(storage, embedded, {**versions, "3": "another-fit"})
+    one_more = embedded.with_columns(pl.col("n") + (pl.col("shard") == "00001").cast(pl.UInt32))
+    with pytest.raises(dg.Failure, match=r"no or stale cluster assignments \(shards \['00001'\]\)"):
+        check_assignments(storage, one_more, versions)
