@@ -191,15 +191,30 @@ def main() -> None:
         print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                           "peak_rss_bytes": _peak_rss(), "meta": meta}, default=str))
         return
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results.setdefault("runs", {})
-    results["cpu_count"] = os.cpu_count()
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs = previous.get("runs", {})
     for n in (int(v) for v in args.n.split(",")):
-        results["runs"][str(n)] = run_n(n, args.shard_size, args.seed, args.work, args.memory_gb, args.keep)
+        runs[str(n)] = run_n(n, args.shard_size, args.seed, args.work, args.memory_gb, args.keep)
+        results = {"summary": summarize(runs), "cpu_count": os.cpu_count(), "threshold": THRESHOLD, "d": D,
+                   "runs": runs}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps({k: {m: v.get(m) for m in ("dedup_seconds", "recall_all", "peak_rss_bytes_max")}
-                      for k, v in results["runs"].items()}, indent=1))
+    print(json.dumps(summarize(runs), indent=1))
+
+
+def summarize(runs: dict) -> dict:
+    """The headline per N (first in the results file, so bench/summarize.py shows it)."""
+    out = {}
+    for key, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        steps = run["steps"]
+        out[f"n{key}"] = {
+            "dedup_seconds": run["dedup_seconds"], "dedup_cpu_seconds": run["dedup_cpu_seconds"],
+            "recall_5_clusterings": run["recall_all"], "recall_1_clustering": run["recall_1"],
+            "peak_rss_gib": run["peak_rss_bytes_max"] / 2 ** 30,
+            "added_10k_shard_duplicate_pairs_seconds": steps["added_shard_duplicate_pairs"]["seconds"],
+            "full_duplicate_pairs_seconds": steps["duplicate_pairs"]["seconds"],
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -197,15 +197,16 @@ def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, th
     frames, members, seconds, replaced = [], {}, {}, []
     todo = plan.filter(pl.col("action") != "reuse")
     row_cap = bucket_row_cap(budget, dim)
+    earlier = ({key: part for (key,), part in storage.read(BUCKET_PAIRS).partition_by("bucket_key", as_dict=True).items()}
+               if (todo["action"] == "add").any() else {})
     for key, clustering, bucket, files, rows, action, new_shards in todo.select(
             "bucket_key", "clustering", "bucket", "files", "rows", "action", "new_shards").iter_rows():
         started = time.perf_counter()
         pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, files, rows, dim, threshold, cfg,
                                                       stats, row_cap, new_shards if action == "add" else None)
         if new_uids is not None:  # keep the bucket's earlier pairs that involve none of its new rows
-            kept = (storage.scan(BUCKET_PAIRS).filter(pl.col("bucket_key") == key)
-                    .filter(~pl.col("uid_a").is_in(new_uids.implode()) & ~pl.col("uid_b").is_in(new_uids.implode()))
-                    .collect())
+            kept = earlier.pop(key, pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)).filter(
+                ~pl.col("uid_a").is_in(new_uids.implode()) & ~pl.col("uid_b").is_in(new_uids.implode()))
             pairs = pl.concat([kept.select(list(BUCKET_PAIRS_SCHEMA)).cast(BUCKET_PAIRS_SCHEMA), pairs])
         seconds[key] = time.perf_counter() - started
         frames.append(pairs)
