@@ -1413,7 +1413,9 @@ def write_demo_corpus(
     if n_workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+        # never fork: a caller with live thread pools (polars, faiss, onnxruntime) can leave a lock held in the
+        # forked child, which then hangs; forkserver children start from a clean single-threaded server
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(min(n_workers, len(jobs))) as pool:
             written = pool.map(_write_shard, sorted(jobs, key=lambda j: -len(j[3])), chunksize=1)
     else:
