@@ -171,6 +171,10 @@ class DeltaStorage(dg.ConfigurableResource):
     def write_table(self, name: str, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
         return delta.write_table(self.table_path(name), df, partition_by)
 
+    def write_table_streamed(self, name: str, frames, schema: dict, partition_by: Sequence[str] | None = None) -> int:
+        """Replace a whole table from an iterator of frames, in one commit (bounded memory)."""
+        return delta.write_table_streamed(self.table_path(name), frames, schema, partition_by)
+
     def append(self, name: str, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
         return delta.append(self.table_path(name), df, partition_by)
 

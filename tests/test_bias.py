@@ -189,6 +189,42 @@ def test_sample_weights_table(reweighted):
     assert md["kept"].value == kept.height
 
 
+def test_sample_weights_streamed_under_a_small_memory_budget(reweighted, tmp_path, monkeypatch):
+    """Past a quarter of the budget the probe is fitted on a bounded sample and rows are weighted shard by
+    shard: every kept sample still gets one weight of mean 1, the thinned-out family is still lifted, and the
+    reweighted ratio is restored about as well as by the in-memory fit."""
+    import dagster as dg
+
+    from curation_assets.pipeline import open_pipeline
+
+    storage = reweighted.storage
+    n = storage.scan("image_embeddings").select(pl.len()).collect().item()
+    dim = storage.scan("image_embeddings").select(pl.col("embedding").list.len()).head(1).collect().item()
+    monkeypatch.setenv("CURATION_MEMORY_GB", str(12 * n * dim / 2 ** 30))  # a sample of ~0.37 n per class
+    shutil.copytree(reweighted.root, tmp_path / "root", ignore=shutil.ignore_patterns("dagster_home"))
+    pipeline = open_pipeline(tmp_path / "root", reweighted.corpus, reweighted.config_path,
+                             instance=dg.DagsterInstance.ephemeral())
+    pipeline.register_all_shards()
+    pipeline.materialize(["sample_weights", "overall_demographic_ratios"])
+    event = pipeline.instance.get_latest_materialization_event(dg.AssetKey("sample_weights"))
+    md = event.asset_materialization.metadata
+    assert md["fit"].value.startswith("streamed")
+    assert 0.3 * n < md["train_unfiltered"].value < 0.45 * n
+    weights = pipeline.storage.read("sample_weights")
+    kept = pipeline.storage.read("filtered_samples").filter(pl.col("kept"))
+    assert weights.height == kept.height and set(weights["uid"]) == set(kept["uid"])
+    assert weights["weight"].mean() == pytest.approx(1.0)
+    truth = pl.read_parquet(reweighted.corpus / "ground_truth.parquet").join(weights, on="uid")
+    mean_by_family = dict(truth.group_by("family").agg(pl.col("weight").mean()).iter_rows())
+    assert mean_by_family["people"] > 1.1 * max(mean_by_family[f] for f in ("clock", "banner", "scene"))
+    raw = _overall_ratio(pipeline.storage, "raw")
+    fixed = _overall_ratio(pipeline.storage, "filtered_reweighted")
+    in_memory = _overall_ratio(reweighted.storage, "filtered_reweighted")
+    print(f"women/men raw {raw['value']:.3f} reweighted: streamed {fixed['value']:.3f}, in memory "
+          f"{in_memory['value']:.3f}")
+    assert abs(fixed["value"] / raw["value"] - 1) <= 0.03
+
+
 # --- the drift sensor ------------------------------------------------------------------------------------
 
 def _sensor_context(pipeline, cursor=None):

@@ -223,6 +223,29 @@ def write_table(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] 
     return df.height
 
 
+def write_table_streamed(path: str | Path, frames: Iterable[pl.DataFrame], schema: dict,
+                         partition_by: Sequence[str] | None = None) -> int:
+    """Replace a whole table with the rows of ``frames`` (an iterator, e.g. one frame per shard) in ONE
+    commit, holding one frame at a time: a crash part-way leaves the previous version. Returns the rows."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+    written = [0]
+
+    def batches():
+        for frame in frames:
+            written[0] += frame.height
+            for batch in frame.cast(schema).select(list(schema)).to_arrow().to_batches():
+                yield batch.cast(arrow_schema) if batch.schema != arrow_schema else batch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    reader = pa.RecordBatchReader.from_batches(arrow_schema, batches())
+    write_deltalake(str(path), reader, mode="overwrite", schema_mode="overwrite",
+                    partition_by=list(partition_by) if partition_by else None)
+    return written[0]
+
+
 def append(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
     """Append rows to an append-only table (labels, alerts); returns the rows written."""
     from deltalake import write_deltalake

@@ -260,3 +260,111 @@ def fit_weights(x: np.ndarray, kept: np.ndarray, regularization: float | None = 
         coef_norm=coef_norm, regularization=float(regularization), cv_log_loss=cv, balance=balance,
         calibration=calibration,
     )
+
+
+# --------------------------------------------------------------------------- bounded memory (streamed)
+
+
+def uniform_keys(uids: Sequence[str], seed: int, salt: str) -> np.ndarray:
+    """A deterministic pseudo-random number in [0, 1) per uid (a hash of seed, salt and uid): the same row
+    gets the same number in every pass and every process, so shards can be sampled one at a time."""
+    import hashlib
+
+    out = np.empty(len(uids), np.float64)
+    prefix = f"{seed}:{salt}:".encode()
+    for i, uid in enumerate(uids):
+        out[i] = int.from_bytes(hashlib.blake2b(prefix + uid.encode(), digest_size=8).digest(), "little") / 2.0 ** 64
+    return out
+
+
+@dataclass
+class StreamedProbe:
+    """The probe of :func:`fit_weights` fitted on a bounded sample, applied block by block: the fold probes
+    and Platt scaling of every candidate penalty, and the coarse regions."""
+
+    candidates: dict  # lam -> (fold probes, platt scaler, held-out log-loss, held-out accuracy, coef norm)
+    regions: object | None  # a fitted KMeans (balance selection), or None
+    n_unfiltered: int
+    n_kept: int
+
+    def probabilities(self, lam: float, x: np.ndarray) -> np.ndarray:
+        probes, scale = self.candidates[lam][0], self.candidates[lam][1]
+        scores = np.zeros(len(x))
+        for probe in probes:
+            scores += probe.decision_function(x) / len(probes)
+        return scale.predict_proba(scores[:, None])[:, 1]
+
+
+def fit_streamed_probe(xt: np.ndarray, y: np.ndarray, uids: Sequence[str], region_x: np.ndarray,
+                       regularization: float | None, regularization_grid: Sequence[float], selection: str,
+                       balance_clusters: int, seed: int, n_folds: int = 5, significance: float = 0.01
+                       ) -> StreamedProbe:
+    """Fit every candidate on the training sample ``xt`` / ``y`` (folds by uid hash, so an image and its twin
+    in the other class are held out together), and the coarse regions on ``region_x`` (kept images)."""
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    sw = _balanced(y)
+    folds = (uniform_keys(uids, seed, "fold") * n_folds).astype(int)
+    candidates = [float(regularization)] if regularization is not None else sorted(map(float, regularization_grid))
+    if not candidates:
+        raise ValueError("regularization_grid is empty")
+    fitted = {}
+    for lam in candidates:
+        held_out = np.empty(len(y))
+        probes = []
+        for k in range(n_folds):
+            train = folds != k
+            probe = LogisticRegression(C=_inverse_strength(lam, int(train.sum())), max_iter=1000)
+            probe.fit(xt[train], y[train], sample_weight=sw[train])
+            held_out[~train] = probe.decision_function(xt[~train])
+            probes.append(probe)
+        scale = _platt(held_out, y, sw, significance)
+        loss = float(np.sum(sw * _row_log_loss(y, scale.predict_proba(held_out[:, None])[:, 1])) / sw.sum())
+        accuracy = float(scale.score(held_out[:, None], y, sample_weight=sw))
+        fitted[lam] = (probes, scale, loss, accuracy, float(np.mean([np.linalg.norm(p.coef_) for p in probes])))
+    regions = None
+    if len(candidates) > 1 and selection == "balance":
+        k = max(1, min(int(balance_clusters), len(region_x)))
+        regions = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(region_x)
+    return StreamedProbe(fitted, regions, int(y.sum()), int(len(y) - y.sum()))
+
+
+def streamed_weights(blocks, probe: StreamedProbe, max_weight: float, selection: str):
+    """Pass over ``blocks`` (a callable returning an iterator of ``(x, kept mask)``) to choose the penalty:
+    the weighted kept set's shares of the coarse regions against the unfiltered set's (``balance``), or the
+    held-out log-loss. Returns ``(lam, mean clipped odds of lam, balance per candidate, cv per candidate)``;
+    the weights of a block are then ``min(odds, max_weight) / mean``."""
+    lams = sorted(probe.candidates)
+    cv = {lam: probe.candidates[lam][2] for lam in lams}
+    k = probe.regions.n_clusters if probe.regions is not None else 1
+    unfiltered = np.zeros(k)
+    weighted = {lam: np.zeros(k) for lam in lams}
+    sums = {lam: 0.0 for lam in lams}
+    kept_total = 0
+    for x, kept in blocks():
+        region = probe.regions.predict(x) if probe.regions is not None else np.zeros(len(x), int)
+        unfiltered += np.bincount(region, minlength=k)
+        kept_total += int(kept.sum())
+        for lam in lams:
+            w = clipped_odds(probe.probabilities(lam, x[kept]), max_weight)
+            weighted[lam] += np.bincount(region[kept], weights=w, minlength=k)
+            sums[lam] += float(w.sum())
+    balance = {}
+    if probe.regions is not None:
+        for lam in lams:
+            shares = weighted[lam] / max(sums[lam], 1e-12)
+            balance[lam] = float(0.5 * np.abs(unfiltered / max(unfiltered.sum(), 1) - shares).sum())
+    score = balance if balance else cv
+    best = min(score[c] for c in lams)
+    lam = max(c for c in lams if score[c] <= best + 1e-4)  # ties go to the weaker probe
+    return lam, sums[lam] / max(kept_total, 1), balance, cv
+
+
+def clipped_odds(p: np.ndarray, max_weight: float | None, eps: float = 1e-6) -> np.ndarray:
+    """``p / (1 - p)`` clipped at ``max_weight``: :func:`weights_from_probabilities` before its normalisation."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    w = p / (1.0 - p)
+    return np.minimum(w, max_weight) if max_weight is not None else w
