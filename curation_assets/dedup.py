@@ -460,5 +460,25 @@ def deduplicated_samples_account_for_every_sample(storage: DeltaStorage) -> dg.A
     )
 
 
+@dg.asset_check(asset=duplicate_pairs, blocking=False,
+                description="The k-means centroids still fit the data: it has not grown past twice its size at "
+                            "the fit (beyond that clusters average over 2 x cluster_size and should be refitted).")
+def centroids_fit_the_data(storage: DeltaStorage, settings: CurationSettings) -> dg.AssetCheckResult:
+    cfg = dedup_settings(settings)
+    table = current_centroids(storage)
+    at_fit = int(table["n_embeddings"].min())
+    now = int(storage.scan("image_embeddings").select(pl.len()).collect().item())
+    mean_cluster = now / max(1, int(table["k"].min()))
+    grown = now / max(1, at_fit)
+    return dg.AssetCheckResult(
+        passed=grown <= 2.0, severity=dg.AssetCheckSeverity.WARN,
+        description=(f"{now} embeddings, {at_fit} when the centroids were fitted ({grown:.2f}x); mean cluster "
+                     f"{mean_cluster:.0f} rows (target {cfg.cluster_size})"
+                     + ("" if grown <= 2.0 else ": refit kmeans_centroids, then every shard of cluster_assignments")),
+        metadata={"embeddings": now, "embeddings_at_fit": at_fit, "growth": dg.MetadataValue.float(grown),
+                  "mean_cluster_size": dg.MetadataValue.float(mean_cluster)},
+    )
+
+
 defs = dg.Definitions(assets=[duplicate_pairs, dedup_groups, deduplicated_samples],
-                      asset_checks=[deduplicated_samples_account_for_every_sample])
+                      asset_checks=[deduplicated_samples_account_for_every_sample, centroids_fit_the_data])

@@ -267,3 +267,21 @@ def test_stale_or_missing_assignments_are_refused(deduped):
     one_more = embedded.with_columns(pl.col("n") + (pl.col("shard") == "00001").cast(pl.UInt32))
     with pytest.raises(dg.Failure, match=r"no or stale cluster assignments \(shards \['00001'\]\)"):
         check_assignments(storage, one_more, versions)
+
+
+def test_centroid_check_warns_once_the_data_has_doubled_since_the_fit(deduped, tmp_path):
+    import shutil
+
+    from curation_assets.dedup import centroids_fit_the_data
+
+    result = centroids_fit_the_data(storage=deduped.storage, settings=deduped.settings)
+    assert result.passed and result.metadata["growth"].value == pytest.approx(1.0)
+    root = tmp_path / "root"
+    shutil.copytree(deduped.root, root, ignore=shutil.ignore_patterns("dagster_home"))
+    from resources.storage import DeltaStorage
+
+    storage = DeltaStorage(root=str(root))
+    rows = storage.read("kmeans_centroids").with_columns((pl.col("n_embeddings") // 3).alias("n_embeddings"))
+    storage.write_table("kmeans_centroids", rows)  # as if fitted when a third of today's data existed
+    result = centroids_fit_the_data(storage=storage, settings=deduped.settings)
+    assert not result.passed and "refit kmeans_centroids" in result.description
