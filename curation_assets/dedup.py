@@ -36,7 +36,23 @@ from resources.storage import DeltaStorage
 
 PAIRS_SCHEMA = {"uid_a": pl.String, "uid_b": pl.String, "similarity": pl.Float32,
                 "clusterings": pl.List(pl.Int8), "n_clusterings": pl.Int8,
-                "verification": pl.Float32, "colour_residual": pl.Float32, "verified": pl.Boolean}
+                "verification": pl.Float32, "colour_residual": pl.Float32, "verified": pl.Boolean,
+                "sha256_a": pl.String, "sha256_b": pl.String, "verify_version": pl.String}
+VERDICT = ["verification", "colour_residual", "verified"]
+
+
+def reusable_verdicts(storage: DeltaStorage, pairs: pl.DataFrame, version: str) -> pl.DataFrame:
+    """``pairs`` (uid_a, uid_b, sha256_a, sha256_b) with the verdict columns of the previous ``duplicate_pairs``
+    where the same two images (same uids and content hashes) were verified under the same settings ``version``;
+    null elsewhere. A shard's arrival thus verifies only its new candidate pairs."""
+    previous = storage.read_if_exists("duplicate_pairs")
+    empty = pairs.with_columns(*[pl.lit(None, PAIRS_SCHEMA[c]).alias(c) for c in VERDICT])
+    if previous is None or not {"sha256_a", "sha256_b", "verify_version", *VERDICT} <= set(previous.columns):
+        return empty
+    # a pair whose image could not be read (-1) is tried again: its tar may be back
+    done = previous.filter((pl.col("verify_version") == version) & (pl.col("verification") > -1)).select(
+        "uid_a", "uid_b", "sha256_a", "sha256_b", *VERDICT)
+    return pairs.join(done, on=["uid_a", "uid_b", "sha256_a", "sha256_b"], how="left")
 
 
 def _candidate_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: list[str]) -> dict[str, bytes]:
@@ -295,34 +311,45 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
                                         context.log.info)
     stats = bucket_meta.pop("stats")
     per_clustering = [int((found["clustering"] == c).sum()) for c in ALL_CLUSTERINGS]
-    pairs = union_bucket_pairs(found).cast({k: v for k, v in PAIRS_SCHEMA.items()
-                                            if k not in ("verification", "colour_residual", "verified")})
+    pairs = union_bucket_pairs(found).cast({k: v for k, v in PAIRS_SCHEMA.items() if k in
+                                            ("uid_a", "uid_b", "similarity", "clusterings", "n_clusterings")})
     vcfg = cfg.verification
     verify_meta: dict = {"verification": "off"}
     if vcfg.active(encoder) and pairs.height:
+        shas = (storage.scan("samples").select("uid", "sha256")
+                .filter(pl.col("uid").is_in(pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().implode())).collect())
+        pairs = (pairs.join(shas.rename({"uid": "uid_a", "sha256": "sha256_a"}), on="uid_a", how="left")
+                 .join(shas.rename({"uid": "uid_b", "sha256": "sha256_b"}), on="uid_b", how="left"))
+        pairs = reusable_verdicts(storage, pairs, vcfg.version())
+        todo = pairs.filter(pl.col("verification").is_null())
         t = time.perf_counter()
-        uids_needed = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().to_list()
-        blobs = _candidate_bytes(storage, shard_source, uids_needed)
+        uids_needed = pl.concat([todo["uid_a"], todo["uid_b"]]).unique().to_list()
+        blobs = _candidate_bytes(storage, shard_source, uids_needed) if todo.height else {}
         read_seconds = time.perf_counter() - t
         t = time.perf_counter()
-        pairs = verify_candidates(pairs, blobs, vcfg)
+        fresh = verify_candidates(todo.drop(VERDICT), blobs, vcfg) if todo.height else todo
         verify_seconds = time.perf_counter() - t
+        pairs = (pl.concat([pairs.filter(pl.col("verification").is_not_null()), fresh.select(pairs.columns)])
+                 .with_columns(pl.lit(vcfg.version()).alias("verify_version")).sort(["uid_a", "uid_b"]))
         n_ok = int(pairs["verified"].sum())
-        context.log.info(f"verified {n_ok} of {pairs.height} candidate pairs on pixels in {verify_seconds:.1f}s")
+        context.log.info(f"verified {todo.height} candidate pairs on pixels in {verify_seconds:.1f}s "
+                         f"({pairs.height - todo.height} verdicts reused); {n_ok} of {pairs.height} pass")
         verify_meta = {
             "verification": "on", "verified_pairs": n_ok, "rejected_pairs": pairs.height - n_ok,
+            "pairs_verified_now": todo.height, "verdicts_reused": pairs.height - todo.height,
             "unreadable_images": len(uids_needed) - len(blobs),
             "structure_threshold": dg.MetadataValue.float(vcfg.structure_threshold),
             "colour_threshold": dg.MetadataValue.float(vcfg.colour_threshold),
             "image_read_seconds": dg.MetadataValue.float(read_seconds),
             "verify_seconds": dg.MetadataValue.float(verify_seconds),
-            "pairs_verified_per_second": dg.MetadataValue.float(pairs.height / max(verify_seconds, 1e-9)),
+            "pairs_verified_per_second": dg.MetadataValue.float(todo.height / max(verify_seconds, 1e-9)),
         }
     else:
         pairs = pairs.with_columns(verification=pl.lit(None, pl.Float32), colour_residual=pl.lit(None, pl.Float32),
-                                   verified=pl.lit(True))
+                                   verified=pl.lit(True), sha256_a=pl.lit(None, pl.String),
+                                   sha256_b=pl.lit(None, pl.String), verify_version=pl.lit(None, pl.String))
         verify_meta["verified_pairs"] = pairs.height
-    pairs = pairs.cast(PAIRS_SCHEMA)
+    pairs = pairs.cast(PAIRS_SCHEMA).select(list(PAIRS_SCHEMA))
     storage.write_table("duplicate_pairs", pairs)
     seconds = time.perf_counter() - started
     only_one = int((pairs["n_clusterings"] == 1).sum()) if pairs.height else 0

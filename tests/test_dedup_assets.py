@@ -151,10 +151,16 @@ def test_a_new_shard_re_searches_only_the_buckets_it_lands_in(deduped, tmp_path)
     assert new.filter(pl.col("similarity") > 0.999).height >= 3  # each copy found with its original
     old = after.join(new, on=["uid_a", "uid_b"], how="anti")
     assert old.select("uid_a", "uid_b", "clusterings").equals(before.select("uid_a", "uid_b", "clusterings"))
+    # only the new candidate pairs were verified on pixels; the others kept their verdicts
+    assert meta["pairs_verified_now"] == new.height and meta["verdicts_reused"] == old.height
+    assert old.select("uid_a", "uid_b", "verification", "verified").equals(
+        before.select("uid_a", "uid_b", "verification", "verified"))
+    assert new.filter(pl.col("similarity") > 0.999)["verified"].all()
     # re-running the shard replaces its files: its buckets are searched again in full, the same pairs result
     state.materialize(["cluster_assignments"], shards=["00002"])
     meta = _dedup_search(state)
     assert meta["buckets_searched"] == touched and meta["buckets_reused"] == 20 - touched
+    assert meta["pairs_verified_now"] == 0  # the same images: every verdict is reused
     rerun = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
     assert rerun.select("uid_a", "uid_b", "clusterings").equals(after.select("uid_a", "uid_b", "clusterings"))
     # the same pairs as searching every bucket from scratch
@@ -285,3 +291,18 @@ def test_centroid_check_warns_once_the_data_has_doubled_since_the_fit(deduped, t
     storage.write_table("kmeans_centroids", rows)  # as if fitted when a third of today's data existed
     result = centroids_fit_the_data(storage=storage, settings=deduped.settings)
     assert not result.passed and "refit kmeans_centroids" in result.description
+
+
+def test_verdicts_are_reused_only_for_the_same_images_and_settings(deduped):
+    from curation_assets.core.pixel_verify import VerifySettings
+    from curation_assets.dedup import reusable_verdicts
+
+    pairs = deduped.storage.read("duplicate_pairs").select("uid_a", "uid_b", "sha256_a", "sha256_b")
+    version = VerifySettings().version()
+    assert VerifySettings(workers=7).version() == version  # speed settings decide no verdict
+    assert reusable_verdicts(deduped.storage, pairs, version)["verification"].null_count() == 0
+    stricter = VerifySettings(structure_threshold=0.6).version()
+    assert reusable_verdicts(deduped.storage, pairs, stricter)["verification"].null_count() == pairs.height
+    replaced = pairs.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("another image"))
+                                  .otherwise(pl.col("sha256_a")).alias("sha256_a"))
+    assert reusable_verdicts(deduped.storage, replaced, version)["verification"].null_count() == 1

@@ -103,6 +103,15 @@ class VerifySettings:
                   blur=num("blur", 0.0, 5.0), cells=num("cells", 1, 16, True), workers=num("workers", 1, 64, True))
         return out
 
+    def version(self) -> str:
+        """A digest of everything that decides a verdict (not ``workers``, not ``enabled``): verdicts stored
+        under the same version for the same two images need not be computed again."""
+        import hashlib
+        import json
+
+        decisive = {k: v for k, v in self.__dict__.items() if k not in ("workers", "enabled")}
+        return "verify-" + hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
+
     def active(self, encoder_name: str | None) -> bool:
         if self.enabled is not None:
             return self.enabled
