@@ -115,22 +115,24 @@ def _row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def _cross_fit(xt: np.ndarray, y: np.ndarray, sw: np.ndarray, folds: np.ndarray, n_folds: int,
-               regularization: float, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+               regularization: float, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list]:
     """Out-of-fold probe scores of every training row, the scores of ``xq`` averaged over the fold
-    probes, and the mean coefficient norm."""
+    probes, the mean coefficient norm and the fold probes."""
     from sklearn.linear_model import LogisticRegression
 
     held_out = np.empty(len(y))
     query = np.zeros(len(xq))
-    norms = []
+    norms, probes = [], []
     for k in range(n_folds):
         train = folds != k
         probe = LogisticRegression(C=_inverse_strength(regularization, int(train.sum())), max_iter=1000)
         probe.fit(xt[train], y[train], sample_weight=sw[train])
         held_out[~train] = probe.decision_function(xt[~train])
-        query += probe.decision_function(xq) / n_folds
+        if len(xq):
+            query += probe.decision_function(xq) / n_folds
         norms.append(float(np.linalg.norm(probe.coef_)))
-    return held_out, query, float(np.mean(norms))
+        probes.append(probe)
+    return held_out, query, float(np.mean(norms)), probes
 
 
 def _platt(scores: np.ndarray, y: np.ndarray, sw: np.ndarray, alpha: float):
@@ -235,7 +237,7 @@ def fit_weights(x: np.ndarray, kept: np.ndarray, regularization: float | None = 
         regions = coarse_regions(x, kept, balance_clusters, seed) if len(candidates) > 1 and selection == "balance" else None
         fits = {}
         for lam in candidates:
-            held_out, scores_kept, norm = _cross_fit(xt, y, sw, folds, n_folds, lam, x[kept_idx])
+            held_out, scores_kept, norm, _ = _cross_fit(xt, y, sw, folds, n_folds, lam, x[kept_idx])
             scale = _platt(held_out, y, sw, significance)
             cv[lam] = float(np.sum(sw * _row_log_loss(y, scale.predict_proba(held_out[:, None])[:, 1])) / sw.sum())
             p_lam = scale.predict_proba(scores_kept[:, None])[:, 1]
@@ -302,7 +304,6 @@ def fit_streamed_probe(xt: np.ndarray, y: np.ndarray, uids: Sequence[str], regio
     """Fit every candidate on the training sample ``xt`` / ``y`` (folds by uid hash, so an image and its twin
     in the other class are held out together), and the coarse regions on ``region_x`` (kept images)."""
     from sklearn.cluster import KMeans
-    from sklearn.linear_model import LogisticRegression
 
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
@@ -313,18 +314,11 @@ def fit_streamed_probe(xt: np.ndarray, y: np.ndarray, uids: Sequence[str], regio
         raise ValueError("regularization_grid is empty")
     fitted = {}
     for lam in candidates:
-        held_out = np.empty(len(y))
-        probes = []
-        for k in range(n_folds):
-            train = folds != k
-            probe = LogisticRegression(C=_inverse_strength(lam, int(train.sum())), max_iter=1000)
-            probe.fit(xt[train], y[train], sample_weight=sw[train])
-            held_out[~train] = probe.decision_function(xt[~train])
-            probes.append(probe)
+        held_out, _, norm, probes = _cross_fit(xt, y, sw, folds, n_folds, lam, xt[:0])
         scale = _platt(held_out, y, sw, significance)
         loss = float(np.sum(sw * _row_log_loss(y, scale.predict_proba(held_out[:, None])[:, 1])) / sw.sum())
         accuracy = float(scale.score(held_out[:, None], y, sample_weight=sw))
-        fitted[lam] = (probes, scale, loss, accuracy, float(np.mean([np.linalg.norm(p.coef_) for p in probes])))
+        fitted[lam] = (probes, scale, loss, accuracy, norm)
     regions = None
     if len(candidates) > 1 and selection == "balance":
         k = max(1, min(int(balance_clusters), len(region_x)))
