@@ -39,8 +39,14 @@ COLUMN_DOCS = {
     "change_vs_raw": "relative change against the raw stage of the same shards",
     "source_version": "version of the attribute source (word lists or prompts)",
     "clustering": "which of the five k-means clusterings",
-    "cluster": "nearest centroid in that clustering",
+    "cluster": "fine cluster in that clustering (inside its bucket)",
+    "bucket": "coarse k-means cell of that clustering: the unit duplicate_pairs reads and searches",
+    "vector": "the embedding packed little-endian (float32, or float16 with dedup.buckets.vector_dtype)",
     "similarity": "cosine similarity",
+    "verified": "the pair passed pixel verification",
+    "sha256_a": "sha256 of uid_a's image when it was verified",
+    "sha256_b": "sha256 of uid_b's image when it was verified",
+    "verify_version": "digest of the verify settings that decided the verdict",
 }
 
 
