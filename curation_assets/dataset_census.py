@@ -2,6 +2,7 @@
 face counts, per shard and overall, with a page of plots; the measures are ``core/census.py``."""
 
 import json
+from collections import defaultdict
 
 import dagster as dg
 import polars as pl
@@ -33,24 +34,63 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     from curation_assets.core import census
 
     cfg = audits_config(settings).census
-    samples = storage.read("samples")
-    out_dir = storage.artifact_dir("dataset_census")
-    frames: dict[str, pl.DataFrame] = {
-        "status_counts": census.status_counts(samples),
-        "distributions": census.size_and_caption_stats(samples),
-    }
     bias_groups = settings.section("bias").get("caption_groups") or None
-    frames["demographic_words"] = census.demographic_word_frequencies(samples, bias_groups)
+    out_dir = storage.artifact_dir("dataset_census")
+    shards = sorted(storage.shards("samples"))
+    n_samples = int(storage.scan("samples").select(pl.len()).collect().item())
+    fraction = min(1.0, max(1, settings.memory_budget() // 4 // SAMPLE_ROW_BYTES) / max(1, n_samples))
+    scores_exist = storage.exists("safety_scores")
+    groups = storage.read_if_exists("dedup_groups")
+    has_groups = groups is not None and {"uid", "group_id", "is_representative"} <= set(groups.columns)
+    images_exist = storage.exists("image_attributes")
+    group_values = _group_values(storage, shards, cfg.group_by, shard_source) if images_exist else None
+    per: dict[str, list[pl.DataFrame]] = defaultdict(list)
+    drawn: dict[str, list[pl.DataFrame]] = defaultdict(list)
+    for shard in shards:  # per-shard rows exactly; the "all" rows of distributions from a bounded sample
+        samples = storage.read("samples", shards=[shard])
+        in_sample = _drawn(samples["uid"], fraction, cfg.seed)
+        drawn["samples"].append(samples.filter(in_sample))
+        per["status_counts"].append(_shards_only(census.status_counts(samples)))
+        per["distributions"].append(_shards_only(census.size_and_caption_stats(samples)))
+        per["demographic_words"].append(_shards_only(census.demographic_word_frequencies(samples, bias_groups)))
+        if scores_exist:
+            scores = storage.scan("safety_scores", [shard]).collect()
+            per["safety_scores"].append(_shards_only(census.category_score_summary(scores)))
+            drawn["scores"].append(scores.filter(_drawn(scores["uid"], fraction, cfg.seed)))
+        if has_groups:
+            per["duplicates"].append(_shards_only(census.duplicate_rate(groups, samples)))
+        per["face_rows"].append(_face_counts(context, samples, shard_source, cfg))
+        if images_exist:
+            images = storage.scan("image_attributes", [shard]).collect()
+            faces = storage.scan("face_attributes", [shard]).collect() if storage.exists("face_attributes") else None
+            memberships = _memberships(samples, bias_groups, cfg.group_by, shard_source, group_values)
+            per["apparent_attributes"].append(_shards_only(census.attribute_summary(
+                images, faces if faces is not None else _no_faces(), memberships)))
+            pick = _drawn(images["uid"], fraction, cfg.seed)
+            drawn["images"].append(images.filter(pick))
+            drawn["memberships"].append(memberships.join(images.filter(pick).select("uid"), on="uid", how="semi"))
+            if faces is not None:
+                drawn["faces"].append(faces.join(images.filter(pick).select("uid"), on="uid", how="semi"))
+    sample = pl.concat(drawn["samples"], how="diagonal_relaxed") if drawn["samples"] else None
+    if sample is None:
+        raise dg.Failure("samples is empty: materialise it first")
+    frames: dict[str, pl.DataFrame] = {
+        "status_counts": _with_total_counts(per["status_counts"]),
+        "distributions": _with_all(per["distributions"], census.size_and_caption_stats(sample),
+                                   ["metric_order", "shard"], ["metric"], "n", ["mean"], fraction),
+        "demographic_words": _with_word_totals(per["demographic_words"]),
+    }
     plots: dict[str, bytes] = {}
-    ok = samples.filter(pl.col("status") == "ok")
+    ok = sample.filter(pl.col("status") == "ok")
     plots["image_sizes"] = census.histogram_png({"width": ok["width"].to_numpy(), "height": ok["height"].to_numpy()},
                                                 "image size", "pixels")
     plots["caption_length"] = census.histogram_png({"words": ok["caption"].fill_null("").str.split(" ").list.len().to_numpy()},
                                                    "caption length", "words")
     notes: dict[str, str] = {}
-    scores = storage.read_if_exists("safety_scores")
-    if scores is not None:
-        frames["safety_scores"] = census.category_score_summary(scores)
+    if scores_exist:
+        scores = pl.concat(drawn["scores"], how="diagonal_relaxed")
+        frames["safety_scores"] = _with_all(per["safety_scores"], census.category_score_summary(scores),
+                                            ["score", "shard"], ["score"], "n", ["mean", "flagged_share"], fraction)
         classifier = scores.filter(pl.col("scorer") == "classifier") if "scorer" in scores.columns else scores
         by_category = {c: part["score"].to_numpy() for (c,), part in classifier.group_by(["category"], maintain_order=True)}
         if by_category:
@@ -58,24 +98,28 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
                                                           "safety scores per category", "score", log=True)
     else:
         notes["safety_scores"] = "safety_scores not materialised (safety stage not run)"
-    groups = storage.read_if_exists("dedup_groups")
-    if groups is not None and {"uid", "group_id", "is_representative"} <= set(groups.columns):
-        frames["duplicates"] = census.duplicate_rate(groups, samples)
+    if has_groups:
+        frames["duplicates"] = _with_duplicate_totals(per["duplicates"])
     else:
         notes["duplicates"] = "dedup_groups not materialised (dedup stage not run)"
 
-    faces = _face_counts(context, samples, shard_source, cfg)
+    faces = pl.concat(per["face_rows"])
     if faces.height:
         frames["faces"] = census.face_summary(faces)
         plots["faces"] = census.histogram_png({"faces per image": faces.filter(pl.col("faces") >= 0)["faces"].to_numpy()},
                                               "frontal faces (Haar cascade, sampled images)", "faces", bins=10)
-    attributes = _attribute_census(storage, samples, bias_groups, cfg.group_by,
-                                   shard_source)
-    if attributes is not None:
-        frames["apparent_attributes"], extra = attributes
-        plots.update(extra)
+    if images_exist and sum(f.height for f in drawn["images"]):
+        images = pl.concat(drawn["images"], how="diagonal_relaxed")
+        model_faces = pl.concat(drawn["faces"], how="diagonal_relaxed") if drawn["faces"] else _no_faces()
+        memberships = pl.concat(drawn["memberships"], how="diagonal_relaxed").fill_null(False)
+        overall = census.attribute_summary(images, model_faces, memberships).filter(pl.col("shard") == "all")
+        frames["apparent_attributes"] = pl.concat([overall, *per["apparent_attributes"]], how="diagonal_relaxed")
+        plots.update(_attribute_plots(images, model_faces))
     else:
         notes["apparent_attributes"] = "image_attributes not materialised (or disabled): no model-based census"
+    if fraction < 1.0:
+        notes["sampled"] = (f"the 'all' quantiles, the model-based 'all' rows and the plots are from a {fraction:.1%} "
+                            "uid-hash sample (the memory budget); counts and every per-shard row are exact")
     words = frames["demographic_words"].filter((pl.col("shard") == "all") & pl.col("word").is_null())
     plots["demographic_words"] = census.bar_png(words["group"].to_list(), (words["share"].fill_null(0) * 100).to_list(),
                                                 "captions mentioning a group", "% of captioned samples")
@@ -89,12 +133,12 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     per_shard = _census_table(frames)
     storage.write_table("dataset_census", per_shard)
     page = storage.reports_dir() / CENSUS_PAGE
-    rpt.write_page(page, rpt.render_page("Dataset census", census_sections(storage), subtitle=f"{samples.height} samples"))
+    rpt.write_page(page, rpt.render_page("Dataset census", census_sections(storage), subtitle=f"{n_samples} samples"))
     total = per_shard.filter(pl.col("shard") == "all").row(0, named=True)
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("dataset_census", "census"),
         "dagster/row_count": per_shard.height,
-        "samples": samples.height,
+        "samples": n_samples, "sampled_fraction": dg.MetadataValue.float(fraction),
         "ok": int(total.get("ok") or 0),
         "rejected": int(total.get("rejected") or 0),
         "per_shard": dg.MetadataValue.md(markdown_table(per_shard)),
@@ -128,8 +172,10 @@ def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg:
     return pl.DataFrame(rows, schema=schema)
 
 
-def _parquet_column(ok: pl.DataFrame, column: str, shard_source: ShardSource | None) -> pl.DataFrame:
-    """``ok`` with ``column`` read from each shard's parquet sidecar (by key); null where a shard has none."""
+def _parquet_column(ok: pl.DataFrame, column: str, shard_source: ShardSource | None,
+                    required: bool = True) -> pl.DataFrame:
+    """``ok`` with ``column`` read from each shard's parquet sidecar (by key); null where a shard has none
+    (with ``required``, at least one shard must have it)."""
     parts = []
     for shard in sorted(ok["shard"].unique().to_list()):
         try:
@@ -141,45 +187,62 @@ def _parquet_column(ok: pl.DataFrame, column: str, shard_source: ShardSource | N
             parts.append(pl.read_parquet(parquet, columns=["key", column])
                          .select(pl.lit(shard).alias("shard"), pl.col("key").cast(pl.String), pl.col(column)))
     if not parts:
-        raise dg.Failure(f"audits.census.group_by: no shard parquet has a key and a {column!r} column")
+        if required:
+            raise dg.Failure(f"audits.census.group_by: no shard parquet has a key and a {column!r} column")
+        return ok.with_columns(pl.lit(None, pl.String).alias(column))
     values = pl.concat(parts, how="vertical_relaxed").unique(["shard", "key"], keep="first")
     return ok.join(values, on=["shard", "key"], how="left")
 
 
+def _group_values(storage: DeltaStorage, shards: list[str], group_by: str,
+                  shard_source: ShardSource | None) -> list[str] | None:
+    """Every value the census groups by (None for caption groups), so that each shard's rows list every
+    group, including the ones it has no member of."""
+    if group_by == "caption_groups":
+        return None
+    if group_by.startswith("parquet:"):
+        column, values, found = group_by.removeprefix("parquet:"), set(), False
+        for shard in shards:
+            ok = storage.scan("samples", [shard]).filter(pl.col("status") == "ok").select("uid", "shard", "key").collect()
+            with_column = _parquet_column(ok, column, shard_source, required=False)
+            found |= with_column[column].null_count() < with_column.height
+            values |= set(with_column[column].cast(pl.String).fill_null("(none)").to_list())
+        if not found:
+            raise dg.Failure(f"audits.census.group_by: no shard parquet has a key and a {column!r} column")
+        return sorted(values)
+    schema = storage.scan("samples").collect_schema()
+    if group_by not in schema:
+        return None  # _memberships names the problem
+    return sorted(storage.scan("samples").filter(pl.col("status") == "ok")
+                  .select(pl.col(group_by).cast(pl.String).fill_null("(none)").unique()).collect()[group_by].to_list())
+
+
 def _memberships(samples: pl.DataFrame, bias_groups, group_by: str,
-                 shard_source: ShardSource | None = None) -> pl.DataFrame:
+                 shard_source: ShardSource | None = None, values: list[str] | None = None) -> pl.DataFrame:
     """uid + one boolean column per group: the caption groups, each value of a column of ``samples``, or
-    (``parquet:<column>``) each value of a column of the shards' parquet sidecars, such as a class label."""
+    (``parquet:<column>``) each value of a column of the shards' parquet sidecars, such as a class label
+    (``values``: every value to make a column for; default those present)."""
     from curation_assets.core.demographics import CaptionMatcher
 
     ok = samples.filter(pl.col("status") == "ok")
     if group_by.startswith("parquet:"):
         group_by = group_by.removeprefix("parquet:")
-        ok = _parquet_column(ok.drop(group_by, strict=False), group_by, shard_source)
+        ok = _parquet_column(ok.drop(group_by, strict=False), group_by, shard_source, required=values is None)
     if group_by != "caption_groups":
         if group_by not in ok.columns:
             raise dg.Failure(f"audits.census.group_by: samples has no column {group_by!r}; "
                              f"use caption_groups or one of {sorted(ok.columns)}")
-        values = ok[group_by].cast(pl.String).fill_null("(none)")
-        return ok.select("uid").with_columns([(values == v).alias(f"{group_by}={v}")
-                                              for v in sorted(values.unique().to_list())])
+        present = ok[group_by].cast(pl.String).fill_null("(none)")
+        return ok.select("uid").with_columns([(present == v).alias(f"{group_by}={v}")
+                                              for v in (values if values is not None else sorted(present.unique().to_list()))])
     matcher = CaptionMatcher(bias_groups) if bias_groups else CaptionMatcher()
     flags = matcher.annotate(ok["caption"]).select(matcher.group_names)
     return pl.concat([ok.select("uid"), flags], how="horizontal")
 
 
-def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups, group_by: str,
-                      shard_source: ShardSource) -> tuple[pl.DataFrame, dict] | None:
-    """The model-based census (per shard and group) and its plots, or None before image_attributes."""
+def _attribute_plots(images: pl.DataFrame, faces: pl.DataFrame) -> dict[str, bytes]:
     from curation_assets.core import census
-    from curation_assets.core.image_attributes import FACE_SCHEMA
 
-    images = storage.read_if_exists("image_attributes")
-    if images is None or images.height == 0:
-        return None
-    faces = storage.read_if_exists("face_attributes")
-    faces = faces if faces is not None else pl.DataFrame(schema=FACE_SCHEMA)
-    summary = census.attribute_summary(images, faces, _memberships(samples, bias_groups, group_by, shard_source))
     plots = {}
     if faces.height:
         plots["apparent_age"] = census.histogram_png(
@@ -188,7 +251,76 @@ def _attribute_census(storage: DeltaStorage, samples: pl.DataFrame, bias_groups,
             "apparent age of faces by apparent gender (model estimates)", "years", bins=20)
     plots["nsfw_scores"] = census.histogram_png({"open_nsfw": images["nsfw"].drop_nulls().to_numpy()},
                                                 "NSFW score per image (open_nsfw)", "score", log=True)
-    return summary, plots
+    return plots
+
+
+SAMPLE_ROW_BYTES = 512
+"""What one ``samples`` row costs in memory (caption included): the sample behind the ``all`` quantiles and
+the plots holds at most a quarter of the memory budget."""
+
+
+def _drawn(uids: pl.Series, fraction: float, seed: int) -> pl.Series:
+    """Whether each uid is in the census sample (a uid hash, so the same rows in every table and run)."""
+    if fraction >= 1.0:
+        return pl.Series([True] * len(uids), dtype=pl.Boolean)
+    from curation_assets.core.reweighting import uniform_keys
+
+    return pl.Series(uniform_keys(uids.to_list(), seed, "census") < fraction)
+
+
+def _shards_only(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.filter(pl.col("shard") != "all")
+
+
+def _with_all(per_shard: list[pl.DataFrame], whole: pl.DataFrame, order: list[str], keys: list[str], count: str,
+              means: list[str], fraction: float) -> pl.DataFrame:
+    """Per-shard rows plus the ``all`` rows of the same function run on the sample, in its order. When the
+    sample is not everything, the ``all`` count, means, min and max are made exact from the per-shard rows
+    (only the quantiles stay sample estimates)."""
+    overall = whole.filter(pl.col("shard") == "all")
+    if fraction < 1.0 and per_shard:
+        per = pl.concat(per_shard, how="diagonal_relaxed")
+        present = set(per.columns)
+        exact = per.group_by(keys).agg(
+            pl.col(count).sum(),
+            *[((pl.col(m) * pl.col(count)).sum() / pl.col(count).sum()).alias(m) for m in means if m in present],
+            *[pl.col(c).min() for c in ("min",) if c in present], *[pl.col(c).max() for c in ("max",) if c in present])
+        overall = overall.drop([c for c in exact.columns if c not in keys]).join(exact, on=keys, how="left") \
+            .select(overall.columns)
+    out = pl.concat([*per_shard, overall], how="diagonal_relaxed")
+    if "metric_order" in order:
+        metrics = {m: i for i, m in enumerate(whole["metric"].unique(maintain_order=True).to_list())}
+        out = out.with_columns(pl.col("metric").replace_strict(metrics, default=len(metrics)).alias("metric_order"))
+        return out.sort(order).drop("metric_order")
+    return out.sort(order)
+
+
+def _with_total_counts(per_shard: list[pl.DataFrame]) -> pl.DataFrame:
+    per = pl.concat(per_shard)
+    total = per.group_by("status").agg(pl.col("n").sum()).with_columns(shard=pl.lit("all"))
+    return pl.concat([per, total.select(per.columns).cast(per.schema)]).sort("shard", "status")
+
+
+def _with_word_totals(per_shard: list[pl.DataFrame]) -> pl.DataFrame:
+    per = pl.concat(per_shard)
+    total = (per.group_by("group", "word", maintain_order=True)
+             .agg(pl.col("captions").sum(), pl.col("captioned").sum())
+             .with_columns(shard=pl.lit("all"),
+                           share=pl.when(pl.col("captioned") > 0).then(pl.col("captions") / pl.col("captioned"))))
+    return pl.concat([per, total.select(per.columns).cast(per.schema)])
+
+
+def _with_duplicate_totals(per_shard: list[pl.DataFrame]) -> pl.DataFrame:
+    per = pl.concat(per_shard)
+    total = per.select(pl.col("samples", "in_duplicate_group", "removed").sum()).with_columns(
+        shard=pl.lit("all"), duplicate_rate=pl.col("removed") / pl.col("samples"))
+    return pl.concat([per, total.select(per.columns).cast(per.schema)]).sort("shard")
+
+
+def _no_faces() -> pl.DataFrame:
+    from curation_assets.core.image_attributes import FACE_SCHEMA
+
+    return pl.DataFrame(schema=FACE_SCHEMA)
 
 
 def _census_table(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:

@@ -270,3 +270,33 @@ def test_report_sections_draw_upstream_curves(tmp_path):
     assert al.missing is None and "<img" in al.blocks[0] and "precision_at_target" in al.blocks[1]
     assert dedup.missing is None and "<img" in dedup.blocks[0] and "0.970" in dedup.blocks[1]
     assert "_overall" in bias.blocks[0] and "00000" not in bias.blocks[0]
+
+
+def test_census_under_a_small_memory_budget_samples_only_the_overall_quantiles(audited, tmp_path, monkeypatch):
+    """Shard by shard, with a sample of rows for the overall quantiles: every count and every per-shard row is
+    what the census computes from the whole table; only the 'all' quantiles and the plots come from the sample."""
+    import json
+
+    from polars.testing import assert_frame_equal
+
+    from tests.conftest import open_ingested
+
+    monkeypatch.setenv("CURATION_MEMORY_GB", str(120 * 512 * 4 / 2 ** 30))  # a sample of ~120 of the 400 rows
+    state = open_ingested(audited.corpus, tmp_path / "root", source=audited.root)
+    state.materialize(["dataset_census"])
+    event = state.pipeline.instance.get_latest_materialization_event(dg.AssetKey("dataset_census"))
+    assert 0.2 < event.asset_materialization.metadata["sampled_fraction"].value < 0.4
+    before = audited.storage.root_path / "artifacts" / "dataset_census"
+    after = state.storage.root_path / "artifacts" / "dataset_census"
+    for name in ("status_counts", "demographic_words"):
+        assert pl.read_parquet(after / f"{name}.parquet").equals(pl.read_parquet(before / f"{name}.parquet"))
+    full, sampled = (pl.read_parquet(d / "distributions.parquet") for d in (before, after))
+    assert_frame_equal(sampled.filter(pl.col("shard") != "all"), full.filter(pl.col("shard") != "all"))
+    exact = ["metric", "shard", "n", "mean", "min", "max"]
+    assert_frame_equal(sampled.filter(pl.col("shard") == "all").select(exact),
+                       full.filter(pl.col("shard") == "all").select(exact))
+    overall = sampled.filter(pl.col("shard") == "all")
+    assert ((overall["p50"] >= overall["min"]) & (overall["p50"] <= overall["max"])).all()
+    assert "sample" in json.loads((after / "notes.json").read_text())["sampled"]
+    table = state.storage.read("dataset_census").filter(pl.col("shard") == "all")
+    assert table["ok"].to_list() == audited.storage.read("dataset_census").filter(pl.col("shard") == "all")["ok"].to_list()
