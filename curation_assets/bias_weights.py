@@ -1,9 +1,6 @@
 """``sample_weights``: training weights that undo the safety filter's demographic bias (OpenAI's reweighting
 for DALL·E 2); the probe and the weights are computed in ``core/reweighting.py``."""
 
-import os
-import shutil
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -178,19 +175,7 @@ def _streamed(context, storage: DeltaStorage, cfg, budget: int, dim: int) -> tup
             yield pl.DataFrame({"uid": uids, "shard": pl.Series([shard] * len(w), dtype=pl.String),
                                 "weight": w, "p_unfiltered": p})
 
-    # staged as parquet first: the one-commit write cannot read Delta tables while it runs
-    staging = storage.artifact_dir(WEIGHTS) / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        files = []
-        for i, frame in enumerate(frames()):
-            files.append(staging / f"{i:06d}.parquet")
-            frame.write_parquet(files[-1])
-        storage.write_table_streamed(WEIGHTS, (pl.read_parquet(f) for f in files), WEIGHTS_SCHEMA,
-                                     partition_by=["shard"])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    storage.write_table_streamed(WEIGHTS, frames(), WEIGHTS_SCHEMA, partition_by=["shard"])
     ess = stats["sum"] ** 2 / stats["sq"] if stats["sq"] else 0.0
     scale = probe.candidates[lam][1]
     w_sample = np.concatenate(sample) if sample else np.zeros(0)

@@ -389,7 +389,8 @@ def dedup_groups(context: dg.AssetExecutionContext, storage: DeltaStorage,
     b = pairs.select(pl.col("uid_b").alias("uid")).join(nodes, on="uid", how="left", maintain_order="left")["node"]
     groups = core.group_frame(nodes["uid"], core.connected_components(nodes.height, a.to_numpy().astype(np.int64),
                                                                       b.to_numpy().astype(np.int64)))
-    samples = storage.scan("samples").select("uid", "shard", "width", "height").collect()
+    samples = (storage.scan("samples").select("uid", "shard", "width", "height")
+               .filter(pl.col("uid").is_in(groups["uid"].implode())).collect())
     members = groups.join(samples, on="uid", how="left")
     ranked = core.choose_representatives(members, cfg.representative_order)
     out = ranked.select("uid", "shard", "group_id", "group_size", "is_representative", "representative_uid",
@@ -452,20 +453,29 @@ def deduplicate(samples: pl.DataFrame, embedded: pl.DataFrame, groups: pl.DataFr
 )
 def deduplicated_samples(context: dg.AssetExecutionContext, storage: DeltaStorage) -> dg.MaterializeResult:
     """Every sample of ``samples`` exactly once, with ``kept`` and its fate (status: representative,
-    duplicate, singleton, rejected, not_embedded); partitioned by shard so per-shard readers prune."""
-    samples = storage.scan("samples").select("uid", "shard", "status").collect()
-    embedded = storage.scan("image_embeddings").select("uid").collect()
+    duplicate, singleton, rejected, not_embedded); partitioned by shard so per-shard readers prune. Built
+    one shard at a time and written in one commit."""
     groups = storage.read("dedup_groups")
-    out = deduplicate(samples, embedded, groups)
-    storage.write_table("deduplicated_samples", out, partition_by=["shard"])
-    counts = dict(out.group_by("status").agg(pl.len()).iter_rows())
-    ok = out.filter(pl.col("status") != "rejected").height
-    removed = counts.get("duplicate", 0)
+    totals: dict[str, int] = {}
+
+    def frames():
+        for shard in sorted(storage.shards("samples")):
+            samples = storage.scan("samples", [shard]).select("uid", "shard", "status").collect()
+            embedded = storage.scan("image_embeddings", [shard]).select("uid").collect()
+            out = deduplicate(samples, embedded, groups.filter(pl.col("shard") == shard))
+            for status, n in out.group_by("status").agg(pl.len()).iter_rows():
+                totals[status] = totals.get(status, 0) + n
+            totals["_kept"] = totals.get("_kept", 0) + int(out["kept"].sum())
+            yield out
+
+    rows = storage.write_table_streamed("deduplicated_samples", frames(), DEDUPLICATED_SCHEMA, partition_by=["shard"])
+    ok = rows - totals.get("rejected", 0)
+    removed = totals.get("duplicate", 0)
     return dg.MaterializeResult(metadata={
         **storage.table_metadata("deduplicated_samples", "dedup-recall"),
-        "samples_in": samples.height, "rows_out": out.height, "kept": int(out["kept"].sum()),
-        "duplicates_removed": removed, "rejected": counts.get("rejected", 0),
-        "not_embedded": counts.get("not_embedded", 0),
+        "samples_in": rows, "rows_out": rows, "kept": totals.get("_kept", 0),
+        "duplicates_removed": removed, "rejected": totals.get("rejected", 0),
+        "not_embedded": totals.get("not_embedded", 0),
         "removed_fraction_of_ok": dg.MetadataValue.float(removed / ok if ok else 0.0),
     })
 
@@ -473,15 +483,18 @@ def deduplicated_samples(context: dg.AssetExecutionContext, storage: DeltaStorag
 @dg.asset_check(asset=deduplicated_samples, blocking=True,
                 description="Every row of samples appears exactly once, and every ok sample was embedded.")
 def deduplicated_samples_account_for_every_sample(storage: DeltaStorage) -> dg.AssetCheckResult:
-    out = storage.scan("deduplicated_samples").select("uid", "status").collect()
-    samples = storage.scan("samples").select("uid").collect()
-    duplicated_uids = out.height - out["uid"].n_unique()
-    missing = samples.join(out, on="uid", how="anti").height
-    extra = out.join(samples, on="uid", how="anti").height
-    not_embedded = int((out["status"] == "not_embedded").sum())
+    duplicated_uids = missing = extra = not_embedded = rows = n_samples = 0
+    for shard in sorted(set(storage.shards("samples")) | set(storage.shards("deduplicated_samples"))):
+        out = storage.scan("deduplicated_samples", [shard]).select("uid", "status").collect()
+        samples = storage.scan("samples", [shard]).select("uid").collect()
+        rows, n_samples = rows + out.height, n_samples + samples.height
+        duplicated_uids += out.height - out["uid"].n_unique()
+        missing += samples.join(out, on="uid", how="anti").height
+        extra += out.join(samples, on="uid", how="anti").height
+        not_embedded += int((out["status"] == "not_embedded").sum())
     return dg.AssetCheckResult(
         passed=duplicated_uids == 0 and missing == 0 and extra == 0 and not_embedded == 0,
-        description=(f"{out.height} rows for {samples.height} samples; {duplicated_uids} repeated, {missing} missing, "
+        description=(f"{rows} rows for {n_samples} samples; {duplicated_uids} repeated, {missing} missing, "
                      f"{extra} unknown, {not_embedded} ok samples without embeddings"),
         metadata={"repeated": duplicated_uids, "missing": missing, "unknown": extra, "not_embedded": not_embedded},
     )

@@ -57,3 +57,23 @@ def test_a_newer_writer_adds_columns_and_the_other_shards_read_them_as_null(tmp_
     assert table["score"].to_list() == [0.6, 0.7]
     with pytest.raises(Exception):  # dropping a column is not an evolution: the schema must match
         delta.write_shard(path, pl.DataFrame({"uid": ["b"], "shard": ["00001"]}), "00001")
+
+
+def test_streamed_table_write_is_one_commit_and_may_read_delta_while_it_runs(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "target"
+    delta.write_table(source, pl.DataFrame({"uid": ["a", "b", "c"], "shard": ["1", "1", "2"]}), ["shard"])
+    schema = {"uid": pl.String, "shard": pl.String}
+    delta.write_table(target, pl.DataFrame({"uid": ["old"], "shard": ["9"]}), ["shard"])
+
+    def frames(fail_after=None):
+        for i, shard in enumerate(["1", "2"]):
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("crash while producing the frames")
+            yield delta.read(source, [shard])  # reads Delta while the write streams
+
+    with pytest.raises(RuntimeError, match="crash"):
+        delta.write_table_streamed(target, frames(fail_after=1), schema, ["shard"])
+    assert delta.read(target)["uid"].to_list() == ["old"]  # nothing of the failed write landed
+    assert delta.write_table_streamed(target, frames(), schema, ["shard"]) == 3
+    assert sorted(delta.read(target)["uid"].to_list()) == ["a", "b", "c"]
+    assert not list(tmp_path.glob(".target.staging-*"))  # the staging files are gone

@@ -226,24 +226,37 @@ def write_table(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] 
 def write_table_streamed(path: str | Path, frames: Iterable[pl.DataFrame], schema: dict,
                          partition_by: Sequence[str] | None = None) -> int:
     """Replace a whole table with the rows of ``frames`` (an iterator, e.g. one frame per shard) in ONE
-    commit, holding one frame at a time: a crash part-way leaves the previous version. Returns the rows."""
+    commit, holding one frame at a time: a crash part-way leaves the previous version. The frames are
+    staged as parquet files beside the table first, so producing them may read Delta tables (the commit's
+    own stream cannot). Returns the rows written."""
+    import shutil
+    import uuid
+
     import pyarrow as pa
+    import pyarrow.parquet as pq
     from deltalake import write_deltalake
 
     arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
-    written = [0]
-
-    def batches():
+    staging = Path(path).parent / f".{Path(path).name}.staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir(parents=True)
+    try:
+        files, written = [], 0
         for frame in frames:
-            written[0] += frame.height
-            for batch in frame.cast(schema).select(list(schema)).to_arrow().to_batches():
-                yield batch.cast(arrow_schema) if batch.schema != arrow_schema else batch
+            files.append(staging / f"{len(files):06d}.parquet")
+            frame.cast(schema).select(list(schema)).write_parquet(files[-1])
+            written += frame.height
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    reader = pa.RecordBatchReader.from_batches(arrow_schema, batches())
-    write_deltalake(str(path), reader, mode="overwrite", schema_mode="overwrite",
-                    partition_by=list(partition_by) if partition_by else None)
-    return written[0]
+        def batches():
+            for file in files:
+                for batch in pq.ParquetFile(file).iter_batches():
+                    yield batch.cast(arrow_schema) if batch.schema != arrow_schema else batch
+
+        _retrying(lambda: write_deltalake(  # a fresh reader per attempt: a retry re-reads the staged files
+            str(path), pa.RecordBatchReader.from_batches(arrow_schema, batches()), mode="overwrite",
+            schema_mode="overwrite", partition_by=list(partition_by) if partition_by else None), f"{path}")
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def append(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
