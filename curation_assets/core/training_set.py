@@ -32,15 +32,36 @@ TRAINING_SCHEMA = {
 }
 
 
+def group_representatives(groups: pl.DataFrame, filtered: pl.DataFrame | None, safety: pl.DataFrame | None,
+                          order: Sequence[str]) -> pl.DataFrame:
+    """``group_id, representative_uid``: each duplicate group's best member among those the safety filter
+    keeps (by ``order``); groups whose every member is filtered have none. ``groups``: uid, group_id, width,
+    height of every member; ``filtered``: uid, kept of (at least) the members, or None before the filter;
+    ``safety``: uid, safety_score of (at least) the members, or None."""
+    members = groups.select("uid", "group_id", "width", "height")
+    if filtered is not None:
+        members = members.join(filtered.select("uid", pl.col("kept").alias("filter_kept")), on="uid", how="left")
+    else:
+        members = members.with_columns(filter_kept=pl.lit(True))
+    eligible = members.filter(pl.col("filter_kept").fill_null(False))
+    if safety is not None:
+        eligible = eligible.join(safety.select("uid", "safety_score"), on="uid", how="left")
+    return (choose_representatives(eligible, order).filter(pl.col("is_representative"))
+            .select("group_id", pl.col("uid").alias("representative_uid")))
+
+
 def final_verdicts(samples: pl.DataFrame, deduplicated: pl.DataFrame, groups: pl.DataFrame,
                    filtered: pl.DataFrame | None, safety: pl.DataFrame | None, weights: pl.DataFrame | None,
-                   order: Sequence[str]) -> pl.DataFrame:
+                   order: Sequence[str], representatives: pl.DataFrame | None = None,
+                   kept_weight_mean: float | None = None) -> pl.DataFrame:
     """One row per sample (schema :data:`TRAINING_SCHEMA`).
 
     ``samples``: uid, shard, status, error. ``deduplicated``: uid, status (the dedup fate). ``groups``: uid,
     group_id, width, height of every member of a duplicate group. ``filtered``: uid, kept, reasons, or None
     before the filter exists. ``safety``: uid, safety_score (max over categories) or None. ``weights``: uid,
-    weight or None. ``order``: the representative policy keys."""
+    weight or None. ``order``: the representative policy keys. For a part of the data (one shard at a
+    time), pass the dataset's ``representatives`` (:func:`group_representatives`) and the mean raw weight of
+    its kept samples (``kept_weight_mean``); otherwise both are computed from these frames."""
     base = (samples.select("uid", "shard", "status", "error")
             .join(deduplicated.select("uid", pl.col("status").alias("fate")), on="uid", how="left"))
     applied = filtered is not None
@@ -48,14 +69,9 @@ def final_verdicts(samples: pl.DataFrame, deduplicated: pl.DataFrame, groups: pl
         base = base.join(filtered.select("uid", pl.col("kept").alias("filter_kept"), "reasons"), on="uid", how="left")
     else:
         base = base.with_columns(filter_kept=pl.lit(True), reasons=pl.lit(None, pl.List(pl.String)))
-    members = groups.select("uid", "group_id", "width", "height").join(
-        base.select("uid", "filter_kept"), on="uid", how="left")
-    eligible = members.filter(pl.col("filter_kept").fill_null(False))
-    if safety is not None:
-        eligible = eligible.join(safety.select("uid", "safety_score"), on="uid", how="left")
-    chosen = (choose_representatives(eligible, order).filter(pl.col("is_representative"))
-              .select("group_id", pl.col("uid").alias("representative_uid")))
-    grouped = members.select("uid", "group_id").join(chosen, on="group_id", how="left")
+    chosen = representatives if representatives is not None else group_representatives(
+        groups, base.select("uid", pl.col("filter_kept").alias("kept")) if applied else None, safety, order)
+    grouped = groups.select("uid", "group_id").join(chosen, on="group_id", how="left")
     out = base.join(grouped, on="uid", how="left")
     verdict = (pl.when(pl.col("status") != "ok").then(pl.lit("rejected"))
                .when(pl.col("fate").is_null() | pl.col("filter_kept").is_null()).then(pl.lit("pending"))
@@ -82,8 +98,9 @@ def final_verdicts(samples: pl.DataFrame, deduplicated: pl.DataFrame, groups: pl
         out = out.with_columns(raw_weight=pl.lit(None, pl.Float64))
     kept = pl.col("verdict") == "kept"
     raw = pl.col("raw_weight").fill_null(1.0)
+    mean = pl.lit(kept_weight_mean) if kept_weight_mean is not None else raw.filter(kept).mean()
     out = out.with_columns(
-        pl.when(kept).then(raw / raw.filter(kept).mean()).alias("weight"),
+        pl.when(kept).then(raw / mean).alias("weight"),
         pl.lit(applied).alias("filter_applied"),
     )
     return out.select(list(TRAINING_SCHEMA)).cast(TRAINING_SCHEMA).sort("uid")
