@@ -52,10 +52,13 @@ def dedup_settings(settings: CurationSettings) -> core.DedupSettings:
         raise dg.Failure(str(exc)) from exc
 
 
-def _embedding_index(storage: DeltaStorage) -> pl.DataFrame:
-    """uid, shard, encoder of every embedding, sorted by shard and uid (the row numbers of the fit subsets)."""
-    ids = storage.scan("image_embeddings").select("uid", "shard", "encoder").collect()
-    return ids.sort(["shard", "uid"])
+def _shard_counts(storage: DeltaStorage) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Embeddings per shard (``shard, n``, in shard order: row r of the dataset is row r - offset of its
+    shard's embeddings sorted by uid) and the encoders that made them (``encoder``), without reading uids."""
+    lf = storage.scan("image_embeddings")
+    counts = lf.group_by("shard").agg(pl.len().alias("n")).collect().sort("shard")
+    encoders = lf.select(pl.col("encoder").unique()).collect()
+    return counts, encoders
 
 
 def encoder_name(ids: pl.DataFrame) -> str:
@@ -115,11 +118,11 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
     B = ceil(sqrt(K)) coarse buckets; the subset holds min(n, K * fit_points_per_centroid) embeddings. Faiss
     k-means runs on the GPU when one is visible (vector_search resource), on the CPU otherwise."""
     cfg = dedup_settings(settings)
-    index = _embedding_index(storage)
-    n = index.height
+    counts, encoders = _shard_counts(storage)
+    n = int(counts["n"].sum()) if counts.height else 0
     if n == 0:
         raise dg.Failure("image_embeddings is empty: materialise it first")
-    encoder = encoder_name(index)
+    encoder = encoder_name(encoders)
     k = core.default_k(n, cfg.cluster_size, cfg.k_max)
     rows, meta = [], {}
     keys = partition_keys(context) or ALL_CLUSTERINGS
@@ -129,7 +132,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
     subsets = {key: core.fit_subset(n, k, seeds[key], cfg.fit_points_per_centroid, max_points=cap) for key in keys}
     passes = _passes(keys, {key: len(v) for key, v in subsets.items()}, cap)
     for group in passes:  # each pass reads every shard once for the clusterings whose subsets fit together
-        fit_rows = _fit_rows(storage, index, {key: subsets[key] for key in group})
+        fit_rows = _fit_rows(storage, counts, {key: subsets[key] for key in group})
         for key in group:
             rows.append(_fit_one(context, storage, vector_search, cfg, key, seeds[key], fit_rows.pop(key), k, n,
                                  encoder))
@@ -177,20 +180,22 @@ def _fit_one(context, storage: DeltaStorage, vector_search: VectorSearch, cfg: c
             "fitted_at": datetime.now(timezone.utc).isoformat()}
 
 
-def _fit_rows(storage: DeltaStorage, index: pl.DataFrame, subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The embeddings of each clustering's fit subset (row numbers into ``index``), reading each shard once."""
-    wanted = pl.concat([
-        index[rows].select("uid", "shard").with_columns(pl.lit(key).alias("clustering"))
-        for key, rows in subsets.items()
-    ])
+def _fit_rows(storage: DeltaStorage, counts: pl.DataFrame, subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The embeddings of each clustering's fit subset (dataset row numbers, see :func:`_shard_counts`),
+    reading each shard that holds any of them once."""
     parts: dict[str, list[np.ndarray]] = {key: [] for key in subsets}
-    for shard in wanted["shard"].unique().sort().to_list():
+    offset = 0
+    for shard, size in counts.select("shard", "n").iter_rows():
+        local = {key: rows[(rows >= offset) & (rows < offset + size)] - offset for key, rows in subsets.items()}
+        offset += size
+        if not any(len(v) for v in local.values()):
+            continue
         ids, xs = storage.load_embeddings([shard])
-        in_shard = wanted.filter(pl.col("shard") == shard)
-        for key in subsets:
-            uids = in_shard.filter(pl.col("clustering") == key)["uid"]
-            if len(uids):
-                parts[key].append(xs[ids["uid"].is_in(uids.implode()).to_numpy()])
+        if len(ids) != size:
+            raise dg.Failure(f"image_embeddings of shard {shard} changed while kmeans_centroids read it: re-run")
+        for key, rows in local.items():
+            if len(rows):
+                parts[key].append(xs[rows])
         del xs
     return {key: np.concatenate(p) for key, p in parts.items()}
 

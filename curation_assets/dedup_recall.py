@@ -31,24 +31,24 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
     cfg = dedup_settings(settings)
     shards = sorted(storage.shards("image_embeddings"))
     started = time.perf_counter()
-    ids, xq, queries = _sample_vectors(storage, shards, cfg.recall_sample_size, cfg.recall_seed)
-    encoder = encoder_name(ids)
+    pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "clusterings"])
+    needed = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique()
+    n, encoders, xq, queries, row = _sample_vectors(storage, shards, cfg.recall_sample_size, cfg.recall_seed, needed)
+    encoder = encoder_name(pl.DataFrame({"encoder": encoders}, schema={"encoder": pl.String}))
     threshold = cfg.resolve_threshold(encoder)
     # on the GPU through a flat index per shard; on the CPU straight on the shard's matrix
     search = (lambda q, xb, thr: vector_search.flat_index(xb).range_search(q, thr)) if vector_search.use_gpu() else None
-    true_a, true_b, _ = core.exact_pairs_streamed(xq, queries, _blocks(storage, shards), threshold, ids.height,
+    true_a, true_b, _ = core.exact_pairs_streamed(xq, queries, _blocks(storage, shards), threshold, n,
                                                   range_search=search)
     exact_seconds = time.perf_counter() - started
-    pairs = storage.read("duplicate_pairs", columns=["uid_a", "uid_b", "clusterings"])
-    row = pl.DataFrame({"uid": ids["uid"], "row": pl.int_range(ids.height, eager=True)})
     mapped = (pairs.join(row.rename({"uid": "uid_a", "row": "ra"}), on="uid_a")
                    .join(row.rename({"uid": "uid_b", "row": "rb"}), on="uid_b"))
     fa = np.minimum(mapped["ra"].to_numpy(), mapped["rb"].to_numpy())
     fb = np.maximum(mapped["ra"].to_numpy(), mapped["rb"].to_numpy())
     fmask = np.array([sum(1 << (c - 1) for c in cs) for cs in mapped["clusterings"].to_list()], dtype=np.uint8)
-    curve = core.recall_curve(true_a, true_b, fa, fb, fmask, len(ids), N_CLUSTERINGS)
+    curve = core.recall_curve(true_a, true_b, fa, fb, fmask, n, N_CLUSTERINGS)
     table = pl.DataFrame([r.__dict__ for r in curve]).with_columns(
-        pl.lit(len(queries)).alias("sample_size"), pl.lit(len(ids)).alias("n_embeddings"),
+        pl.lit(len(queries)).alias("sample_size"), pl.lit(n).alias("n_embeddings"),
         pl.lit(threshold).alias("threshold"), pl.lit(encoder).alias("encoder"),
         pl.lit(cfg.recall_target).alias("target"))
     storage.write_table("dedup_recall", table)
@@ -78,26 +78,30 @@ def dedup_recall(context: dg.AssetExecutionContext, storage: DeltaStorage, setti
     })
 
 
-def _sample_vectors(storage: DeltaStorage, shards: list[str], size: int, seed: int
-                    ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
-    """The row index of every embedding (uid, shard, encoder; rows in shard order, as the search sees them),
-    the sampled query rows and their vectors, reading one shard at a time."""
+def _sample_vectors(storage: DeltaStorage, shards: list[str], size: int, seed: int, needed: pl.Series
+                    ) -> tuple[int, list[str], np.ndarray, np.ndarray, pl.DataFrame]:
+    """Reading one shard at a time: the number of embeddings, their encoders, the sampled query rows' vectors,
+    the query rows (row numbers in shard order, as the search sees them) and the row number of each uid in
+    ``needed`` (the uids of the found pairs); nothing is held for all N."""
     counts = dict(storage.scan("image_embeddings").group_by("shard").agg(pl.len()).collect().iter_rows())
     n = sum(counts.get(s, 0) for s in shards)
     queries = core.sample_queries(n, size, seed)
-    frames, vectors, offset = [], [], 0
+    vectors, rows, encoders, offset = [], [], set(), 0
     for shard in shards:
         ids, xs = storage.load_embeddings([shard])
         local = queries[(queries >= offset) & (queries < offset + len(ids))] - offset
         vectors.append(xs[local])
-        frames.append(ids)
+        encoders |= set(ids["encoder"].unique().to_list())
+        rows.append(ids.select("uid").with_row_index("row", offset=offset)
+                    .filter(pl.col("uid").is_in(needed.implode())))
         offset += len(ids)
-    ids = pl.concat(frames) if frames else pl.DataFrame(schema={"uid": pl.String, "shard": pl.String, "encoder": pl.String})
-    if ids.height != n:
-        raise dg.Failure(f"image_embeddings changed while dedup_recall read it ({n} rows counted, {ids.height} read): "
+    if offset != n:
+        raise dg.Failure(f"image_embeddings changed while dedup_recall read it ({n} rows counted, {offset} read): "
                          "re-materialise dedup_recall")
     dim = vectors[0].shape[1] if vectors else 0
-    return ids, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), queries
+    row = (pl.concat(rows) if rows else pl.DataFrame(schema={"row": pl.UInt32, "uid": pl.String})).select(
+        "uid", pl.col("row").cast(pl.Int64))
+    return n, sorted(encoders), (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), queries, row
 
 
 def _blocks(storage: DeltaStorage, shards: list[str]):
