@@ -77,3 +77,11 @@ def test_streamed_table_write_is_one_commit_and_may_read_delta_while_it_runs(tmp
     assert delta.write_table_streamed(target, frames(), schema, ["shard"]) == 3
     assert sorted(delta.read(target)["uid"].to_list()) == ["a", "b", "c"]
     assert not list(tmp_path.glob(".target.staging-*"))  # the staging files are gone
+
+
+def test_a_per_shard_table_in_another_partition_layout_is_refused(tmp_path):
+    path = tmp_path / "cluster_assignments"
+    delta.write_shard(path, pl.DataFrame({"uid": ["a"], "shard": ["1"], "bucket": [0]}), "1")  # by shard
+    with pytest.raises(ValueError, match=r"partitioned by \['shard'\].*delete the table"):
+        delta.write_shard(path, pl.DataFrame({"uid": ["b"], "shard": ["2"], "bucket": [1]}), "2", ["bucket"])
+    assert delta.read(path)["uid"].to_list() == ["a"]
