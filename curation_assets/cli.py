@@ -195,8 +195,9 @@ def summary_lines(pipeline, root: str, shards_dir: str, config_path: str | None)
 @click.option("--retain-hours", type=click.IntRange(min=0), default=168, show_default=True,
               help="Keep the files every table version of this age needs (time travel); older ones go.")
 def maintain(root: str, retain_hours: int) -> None:
-    """Compact every Delta table's small files and vacuum files older versions no longer need. Run it when
-    no run is writing (e.g. from cron); re-runs of shards otherwise leave every replaced file behind."""
+    """Compact every Delta table's small files (not the dedup buckets of cluster_assignments, whose files
+    are one shard each) and vacuum files older versions no longer need. Run it when no run is writing (e.g.
+    from cron); re-runs of shards otherwise leave every replaced file behind."""
     from resources.storage import DeltaStorage
 
     total_before = total_after = 0

@@ -14,6 +14,11 @@ from curation_assets.core import delta
 from curation_assets.core.locks import file_lock
 
 
+NOT_COMPACTED = frozenset({"cluster_assignments"})
+"""Tables whose data files carry meaning: each file of ``cluster_assignments`` holds one shard's rows of one
+bucket, which is how ``duplicate_pairs`` tells which buckets a new shard touched and searches only their new
+rows; compacting them would make the next search a full one."""
+
 COLUMN_DOCS = {
     "uid": "sample id: '{shard}/{key}'",
     "shard": "the tar shard (partition key)",
@@ -171,8 +176,10 @@ class DeltaStorage(dg.ConfigurableResource):
         return touched
 
     def maintain(self, retention_hours: int) -> dict[str, dict]:
-        """Compact and vacuum every table (:func:`curation_assets.core.delta.maintain`), per table."""
-        return {name: delta.maintain(self.table_path(name), retention_hours) for name in self.tables()}
+        """Compact and vacuum every table (:func:`curation_assets.core.delta.maintain`), per table. Tables in
+        :data:`NOT_COMPACTED` are only vacuumed."""
+        return {name: delta.maintain(self.table_path(name), retention_hours, compact=name not in NOT_COMPACTED)
+                for name in self.tables()}
 
     def write_table(self, name: str, df: pl.DataFrame, partition_by: Sequence[str] | None = None) -> int:
         return delta.write_table(self.table_path(name), df, partition_by)

@@ -68,3 +68,23 @@ def test_maintain_compacts_and_vacuums_but_keeps_recent_versions(tmp_path):
     assert report["files_before"] >= 18 and report["files_after"] <= 3
     assert report["bytes_after"] < report["bytes_before"] / 3
     assert storage.read("samples").sort("uid").equals(content)
+
+
+def test_maintenance_leaves_the_dedup_bucket_files_as_they_are(tmp_path):
+    """Each cluster_assignments file holds one shard's rows of one bucket: the unit of incremental dedup."""
+    import polars as pl
+
+    from resources.storage import DeltaStorage
+
+    storage = DeltaStorage(root=str(tmp_path))
+    for rerun in range(3):
+        for shard in ("a", "b"):
+            rows = pl.DataFrame({"uid": [f"{shard}/{i}" for i in range(10)], "shard": [shard] * 10,
+                                 "clustering": ["1"] * 10, "bucket": [0] * 5 + [1] * 5, "value": [rerun] * 10})
+            storage.write_shard("cluster_assignments", rows, shard, partition_by=["clustering", "bucket"])
+    before = storage.partition_files("cluster_assignments", stats=["shard"])
+    report = storage.maintain(retention_hours=0)["cluster_assignments"]
+    after = storage.partition_files("cluster_assignments", stats=["shard"])
+    assert report["files_compacted"] == 0 and report["files_vacuumed"] > 0
+    assert sorted(after["path"].to_list()) == sorted(before["path"].to_list())
+    assert (after["min.shard"] == after["max.shard"]).all() and after.height == 4

@@ -193,14 +193,15 @@ def _footprint(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def maintain(path: str | Path, retention_hours: int) -> dict:
-    """Compact a table's small files into larger ones, then delete data files no version younger than
-    ``retention_hours`` still needs (time travel keeps working within that window). Returns the parquet
-    file count and bytes before and after."""
+def maintain(path: str | Path, retention_hours: int, compact: bool = True) -> dict:
+    """Compact a table's small files into larger ones (unless ``compact`` is false), then delete data files
+    no version younger than ``retention_hours`` still needs (time travel keeps working within that window).
+    Returns the parquet file count and bytes before and after."""
     from deltalake import DeltaTable
 
     files_before, bytes_before = _footprint(Path(path))
-    compacted = _retrying(lambda: DeltaTable(str(path)).optimize.compact(), f"compact {path}")
+    compacted = (_retrying(lambda: DeltaTable(str(path)).optimize.compact(), f"compact {path}") if compact
+                 else {"numFilesRemoved": 0})
     removed = _retrying(lambda: DeltaTable(str(path)).vacuum(retention_hours=retention_hours, dry_run=False,
                                                              enforce_retention_duration=False), f"vacuum {path}")
     files_after, bytes_after = _footprint(Path(path))
