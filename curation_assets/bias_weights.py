@@ -31,7 +31,7 @@ def sample_weights(context: dg.AssetExecutionContext, storage: DeltaStorage,
 
         return awaiting_result(label_readiness(storage, safety_config(settings)), WEIGHTS)
     cfg = load_settings(settings).reweighting
-    n, dim = _embedding_shape(storage)
+    n, dim = storage.embedding_shape()
     budget = settings.memory_budget()
     if n * dim * 4 * IN_MEMORY_COPIES <= budget:
         metadata, w = _in_memory(context, storage, cfg)
@@ -55,13 +55,6 @@ IN_MEMORY_COPIES = 4
 embeddings the probe sees every row at once; above it the fit streams shard by shard."""
 
 WEIGHTS_SCHEMA = {"uid": pl.String, "shard": pl.String, "weight": pl.Float64, "p_unfiltered": pl.Float64}
-
-
-def _embedding_shape(storage: DeltaStorage) -> tuple[int, int]:
-    lf = storage.scan("image_embeddings")
-    n = int(lf.select(pl.len()).collect().item())
-    dim = int(lf.select(pl.col("embedding").list.len()).head(1).collect().item()) if n else 0
-    return n, dim
 
 
 def _probe_metadata(result_n_unfiltered: int, result_n_kept: int, lam: float, cfg, cv: dict, balance: dict,
@@ -131,6 +124,7 @@ def _streamed(context, storage: DeltaStorage, cfg, budget: int, dim: int) -> tup
     row gets its weight, written in one commit."""
     from curation_assets.core import reweighting
     from curation_assets.core.dedup import fit_points_within
+    from curation_assets.core.stats import uniform_keys
 
     shards = sorted(storage.shards("image_embeddings"))
     n = int(storage.scan("image_embeddings").select(pl.len()).collect().item())
@@ -142,7 +136,7 @@ def _streamed(context, storage: DeltaStorage, cfg, budget: int, dim: int) -> tup
         # one sample of images, as in the in-memory fit: each sampled image is in the unfiltered class, and a
         # kept one in the kept class too, so the classes differ only by the removed images
         uids = ids["uid"].to_list()
-        pos = reweighting.uniform_keys(uids, cfg.seed, "sample") < fraction
+        pos = uniform_keys(uids, cfg.seed, "sample") < fraction
         neg = pos & kept
         for mask, label in ((pos, 1.0), (neg, 0.0)):
             parts_x.append(x[mask])
@@ -171,7 +165,7 @@ def _streamed(context, storage: DeltaStorage, cfg, budget: int, dim: int) -> tup
             stats["n"] += len(w)
             stats["clipped"] += int((raw > cfg.max_weight).sum())
             uids = ids["uid"].filter(pl.Series(kept))
-            sample.append(w[reweighting.uniform_keys(uids.to_list(), cfg.seed, "shown") < 100_000 / max(n_kept, 1)])
+            sample.append(w[uniform_keys(uids.to_list(), cfg.seed, "shown") < 100_000 / max(n_kept, 1)])
             yield pl.DataFrame({"uid": uids, "shard": pl.Series([shard] * len(w), dtype=pl.String),
                                 "weight": w, "p_unfiltered": p})
 

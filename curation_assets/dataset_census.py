@@ -263,7 +263,7 @@ def _drawn(uids: pl.Series, fraction: float, seed: int) -> pl.Series:
     """Whether each uid is in the census sample (a uid hash, so the same rows in every table and run)."""
     if fraction >= 1.0:
         return pl.Series([True] * len(uids), dtype=pl.Boolean)
-    from curation_assets.core.reweighting import uniform_keys
+    from curation_assets.core.stats import uniform_keys
 
     return pl.Series(uniform_keys(uids.to_list(), seed, "census") < fraction)
 

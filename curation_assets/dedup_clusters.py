@@ -127,7 +127,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
     rows, meta = [], {}
     keys = partition_keys(context) or ALL_CLUSTERINGS
     seeds = {key: core.clustering_seed(cfg.seed, int(key)) for key in keys}
-    budget, dim = settings.memory_budget(), _embedding_dim(storage)
+    budget, dim = settings.memory_budget(), storage.embedding_shape()[1]
     cap = core.fit_points_within(budget, dim)
     subsets = {key: core.fit_subset(n, k, seeds[key], cfg.fit_points_per_centroid, max_points=cap) for key in keys}
     passes = _passes(keys, {key: len(v) for key, v in subsets.items()}, cap)
@@ -148,10 +148,6 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: DeltaStorage, s
         "fit_passes": len(passes),
         "centroids_dir": dg.MetadataValue.path(str(storage.artifact_dir(CENTROIDS))), **meta,
     })
-
-
-def _embedding_dim(storage: DeltaStorage) -> int:
-    return int(storage.scan("image_embeddings").select(pl.col("embedding").list.len()).head(1).collect().item())
 
 
 def _passes(keys: list[str], sizes: dict[str, int], cap: int) -> list[list[str]]:

@@ -200,5 +200,12 @@ class DeltaStorage(dg.ConfigurableResource):
     def shards(self, name: str) -> list[str]:
         return delta.shards_in(self.table_path(name))
 
+    def embedding_shape(self) -> tuple[int, int]:
+        """``(rows, dimension)`` of ``image_embeddings`` without loading it ((0, 0) when empty)."""
+        lf = self.scan("image_embeddings")
+        n = int(lf.select(pl.len()).collect().item())
+        dim = int(lf.select(pl.col("embedding").list.len()).head(1).collect().item()) if n else 0
+        return n, dim
+
     def load_embeddings(self, shards: Iterable[str] | None = None) -> tuple[pl.DataFrame, np.ndarray]:
         return delta.load_embeddings(self.table_path("image_embeddings"), shards)

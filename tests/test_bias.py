@@ -198,8 +198,7 @@ def test_sample_weights_streamed_under_a_small_memory_budget(reweighted, tmp_pat
     from curation_assets.pipeline import open_pipeline
 
     storage = reweighted.storage
-    n = storage.scan("image_embeddings").select(pl.len()).collect().item()
-    dim = storage.scan("image_embeddings").select(pl.col("embedding").list.len()).head(1).collect().item()
+    n, dim = storage.embedding_shape()
     monkeypatch.setenv("CURATION_MEMORY_GB", str(12 * n * dim / 2 ** 30))  # a sample of ~0.37 n per class
     shutil.copytree(reweighted.root, tmp_path / "root", ignore=shutil.ignore_patterns("dagster_home"))
     pipeline = open_pipeline(tmp_path / "root", reweighted.corpus, reweighted.config_path,

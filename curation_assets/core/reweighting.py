@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from curation_assets.core.stats import kish_effective_n
+from curation_assets.core.stats import kish_effective_n, uniform_keys
 
 
 def _inverse_strength(regularization: float, n_train: int) -> float:
@@ -265,18 +265,6 @@ def fit_weights(x: np.ndarray, kept: np.ndarray, regularization: float | None = 
 
 
 # --------------------------------------------------------------------------- bounded memory (streamed)
-
-
-def uniform_keys(uids: Sequence[str], seed: int, salt: str) -> np.ndarray:
-    """A deterministic pseudo-random number in [0, 1) per uid (a hash of seed, salt and uid): the same row
-    gets the same number in every pass and every process, so shards can be sampled one at a time."""
-    import hashlib
-
-    out = np.empty(len(uids), np.float64)
-    prefix = f"{seed}:{salt}:".encode()
-    for i, uid in enumerate(uids):
-        out[i] = int.from_bytes(hashlib.blake2b(prefix + uid.encode(), digest_size=8).digest(), "little") / 2.0 ** 64
-    return out
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Sequence
 
 import numpy as np
 
@@ -141,3 +142,15 @@ def two_proportion_ztest(x1: float, n1: float, x2: float, n2: float) -> TestResu
 def bonferroni_level(alpha: float, n_tests: int) -> float:
     """Per-test significance level that keeps the family-wise error rate at ``alpha``."""
     return alpha / max(1, int(n_tests))
+
+
+def uniform_keys(uids: Sequence[str], seed: int, salt: str) -> np.ndarray:
+    """A deterministic pseudo-random number in [0, 1) per uid (a hash of seed, salt and uid): the same row
+    gets the same number in every pass and every process, so shards can be sampled one at a time."""
+    import hashlib
+
+    out = np.empty(len(uids), np.float64)
+    prefix = f"{seed}:{salt}:".encode()
+    for i, uid in enumerate(uids):
+        out[i] = int.from_bytes(hashlib.blake2b(prefix + uid.encode(), digest_size=8).digest(), "little") / 2.0 ** 64
+    return out
