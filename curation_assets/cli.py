@@ -210,6 +210,26 @@ def maintain(root: str, retain_hours: int) -> None:
                f"(versions younger than {retain_hours} h stay readable)")
 
 
+@main.command("instance")
+@click.option("--root", type=click.Path(file_okay=False), required=True)
+@click.option("--postgres", is_flag=True, help="Keep runs, events and ticks in Postgres ($DAGSTER_POSTGRES_URL).")
+@click.option("--force", is_flag=True, help="Replace an existing dagster.yaml.")
+def instance(root: str, postgres: bool, force: bool) -> None:
+    """Write the Dagster instance config (dagster.yaml) of a data root: into $DAGSTER_HOME when set, else
+    <root>/dagster_home. With --postgres the instance keeps its storage in the database named by
+    $DAGSTER_POSTGRES_URL (read when the instance loads), for production and for more than ~30k shards."""
+    from curation_assets.pipeline import home_dir, instance_config
+
+    home = home_dir(root)
+    path = home / "dagster.yaml"
+    if path.exists() and not force:
+        click.echo(f"{path} exists; --force replaces it", err=True)
+        sys.exit(1)
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(instance_config(postgres))
+    click.echo(f"wrote {path}" + ("; set DAGSTER_POSTGRES_URL=postgresql+psycopg2://user:password@host:5432/dagster" if postgres else ""))
+
+
 @main.command("report")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), required=True)
 def report(root: str) -> None:

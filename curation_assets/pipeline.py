@@ -38,9 +38,35 @@ run_monitoring:
 """
 
 
+POSTGRES_STORAGE = """\
+# Runs, event logs and schedules/sensor ticks in Postgres: the instance for many shards (SQLite fails near ~36k
+# partitions) and for a daemon, a webserver and curate commands on different machines. The URL is read from the
+# environment when the instance loads, so the password never sits in this file. Name the driver dagster-postgres
+# uses: postgresql+psycopg2://user:password@host:5432/dagster (SQLAlchemy 2.1 reads postgresql:// as psycopg 3).
+storage:
+  postgres:
+    postgres_url:
+      env: DAGSTER_POSTGRES_URL
+"""
+
+
+def instance_config(postgres: bool = False) -> str:
+    """The ``dagster.yaml`` of a data root: :data:`INSTANCE_CONFIG`, with :data:`POSTGRES_STORAGE` when
+    ``postgres`` (``curate instance --postgres``)."""
+    return INSTANCE_CONFIG + (POSTGRES_STORAGE if postgres else "")
+
+
+def home_dir(root: str | Path) -> Path:
+    """``$DAGSTER_HOME`` when set, else ``<root>/dagster_home`` (see :func:`dagster_home`)."""
+    env = os.environ.get("DAGSTER_HOME")
+    return Path(env).expanduser().resolve() if env else Path(root).expanduser().resolve() / "dagster_home"
+
+
 def dagster_home(root: str | Path) -> Path:
-    """``<root>/dagster_home``, with a ``dagster.yaml`` (:data:`INSTANCE_CONFIG`) written on first use."""
-    home = Path(root).expanduser().resolve() / "dagster_home"
+    """The Dagster home every command of this root shares: ``$DAGSTER_HOME`` when set (the daemon and the
+    webserver read it too, so ``curate`` and they see one instance), else ``<root>/dagster_home``. A missing
+    ``dagster.yaml`` is written from :data:`INSTANCE_CONFIG` on first use."""
+    home = home_dir(root)
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():

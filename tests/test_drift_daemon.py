@@ -1,5 +1,6 @@
-"""Hands-off under a real dagster-daemon: shards dropped into the watched directory flow through every per-shard
-asset to their demographic ratios with no click and no `materialize` call, and the drifted one alerts."""
+"""Hands-off under a real dagster-daemon on the production instance (Postgres storage, a real server on
+127.0.0.1): shards dropped into the watched directory flow through every per-shard asset to their demographic
+ratios with no click and no `materialize` call, and the drifted one alerts."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import polars as pl
 import pytest
 
 from tests.conftest import dagster_daemon
+from tests.services import postgres_server
 from tests.test_bias import DRIFTED, drift_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,18 +54,17 @@ def _sensor_verdicts(instance) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_dropped_shards_flow_to_a_drift_alert_with_no_clicks(tmp_path, tmp_path_factory):
+def test_dropped_shards_flow_to_a_drift_alert_with_no_clicks(tmp_path, tmp_path_factory, monkeypatch):
     from curation_assets.core import delta
     from curation_assets.demo.run import demo_config
-    from curation_assets.pipeline import INSTANCE_CONFIG
-    from resources.alerts import AlertSink
+    from curation_assets.pipeline import instance_config
     from resources.storage import DeltaStorage
 
     corpus, _ = drift_base(tmp_path_factory)
     root, home, watched = tmp_path / "root", tmp_path / "home", tmp_path / "watched"
     for d in (root, home, watched):
         d.mkdir()
-    (home / "dagster.yaml").write_text(INSTANCE_CONFIG)
+    (home / "dagster.yaml").write_text(instance_config(postgres=True))
     config = demo_config(corpus, tmp_path)
     workspace = tmp_path / "workspace.yaml"
     shutil.copy(REPO / "workspace.yaml", workspace)
@@ -79,6 +80,15 @@ def test_dropped_shards_flow_to_a_drift_alert_with_no_clicks(tmp_path, tmp_path_
     reference = sorted(p for p in corpus.glob("*.tar") if p.stem != DRIFTED)
     assert len(reference) == 4
     # no `dagster sensor start`: new_shards_sensor, curation_automation and bias_drift_sensor are on by default
+    with postgres_server() as url:
+        monkeypatch.setenv("DAGSTER_POSTGRES_URL", url)  # for the instance this test opens to read the checks
+        _run_and_check(corpus, reference, watched, workspace, {**env, "DAGSTER_POSTGRES_URL": url}, tmp_path,
+                       home, storage, measured)
+
+
+def _run_and_check(corpus, reference, watched, workspace, env, tmp_path, home, storage, measured):
+    from resources.alerts import AlertSink
+
     with dagster_daemon(workspace, env, tmp_path) as (daemon, log_path):
         for tar in reference:
             _drop(tar, watched)
@@ -106,6 +116,7 @@ def test_dropped_shards_flow_to_a_drift_alert_with_no_clicks(tmp_path, tmp_path_
     # every per-shard asset ran for every shard, each shard's rows counted once, and the runs came from
     # automation (no run was launched by hand)
     shards = {p.stem for p in reference} | {DRIFTED, normal}
+    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     assert set(instance.get_dynamic_partitions("shards")) == shards
     for table in ("samples", "image_embeddings", "demographic_ratios"):
         assert set(storage.read(table, columns=["shard"])["shard"].unique()) == shards, table
