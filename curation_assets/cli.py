@@ -59,7 +59,7 @@ def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, 
     missing = [key for key in pipeline.shards() if key not in present]
     click.echo(f"{len(refs)} shards ({len(fresh)} new) in {shards_dir}; Dagster home {pipeline.dagster_home}")
     for ref in refs:
-        if ref.key != ref.tar.stem:
+        if not ref.parts and ref.key != ref.tar.stem:
             click.echo(f"  {ref.name}: partition key {ref.key!r} (the name does not fit the key rule)")
     for item in skipped:
         click.echo(f"  skipped {item.name}: {item.reason}")
@@ -343,11 +343,12 @@ def export_queue(root: str, config_path: str | None, out: str, shards_dir: str |
 
     from curation_assets.core.labels import write_queue_csv
     from curation_assets.safety import latest_queue
+    from curation_assets.definitions import shard_group_size
     from resources.shard_source import ShardSource
 
     storage, cfg = _storage_and_config(root, config_path)
     queue = latest_queue(storage)
-    shards = ShardSource(uri=shards_dir or str(Path(root) / "shards"))
+    shards = ShardSource(uri=shards_dir or str(Path(root) / "shards"), group_size=shard_group_size())
     members = (storage.scan("samples").filter(pl.col("uid").is_in(queue["uid"].unique().to_list()))
                .select("uid", "shard", "image_member").collect())
     image_ref: dict[str, str] = {}
@@ -356,27 +357,25 @@ def export_queue(root: str, config_path: str | None, out: str, shards_dir: str |
     for shard, part in members.group_by("shard"):
         shard = shard[0]
         try:
-            tar = shards.get(shard).tar
+            ref = shards.get(shard)
         except FileNotFoundError:
-            tar = None
+            ref = None
         for uid, member in zip(part["uid"].to_list(), part["image_member"].to_list()):
-            image_ref[uid] = f"{tar}#{member}" if tar else f"{shard}.tar#{member}"
-        if thumbnails and tar is not None:
-            image_ref.update(_thumbnails(tar, part, thumb_dir, size))
+            image_ref[uid] = "{}#{}".format(*ref.locate(member)) if ref else f"{shard}.tar#{member}"
+        if thumbnails and ref is not None:
+            image_ref.update(_thumbnails(ref, part, thumb_dir, size))
     n = write_queue_csv(queue, out_path, image_ref, {c.name: c.definition for c in cfg.categories})
     round_no = queue["round"][0] if queue.height else "-"
     click.echo(f"wrote {n} queue rows (round {round_no}) to {out_path}")
 
 
-def _thumbnails(tar: Path, part, directory: Path, size: int) -> dict[str, str]:
+def _thumbnails(ref, part, directory: Path, size: int) -> dict[str, str]:
     import io
 
     from PIL import Image
 
-    from curation_assets.core.shards import read_images
-
     directory.mkdir(parents=True, exist_ok=True)
-    blobs = read_images(tar, part["image_member"].to_list())
+    blobs = ref.read_images(part["image_member"].to_list())
     refs = {}
     for uid, member in zip(part["uid"].to_list(), part["image_member"].to_list()):
         if member not in blobs:

@@ -150,7 +150,6 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
 
 def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg: CensusConfig) -> pl.DataFrame:
     from curation_assets.core import census
-    from curation_assets.core.shards import read_images
 
     schema = {"shard": pl.String, "uid": pl.String, "faces": pl.Int64}
     if cfg.face_sample_per_shard <= 0:
@@ -161,7 +160,7 @@ def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg:
     for (shard,), part in sorted(ok.partition_by("shard", as_dict=True).items()):
         part = part.sample(min(cfg.face_sample_per_shard, part.height), seed=cfg.seed).sort("uid")
         try:
-            blobs = read_images(shard_source.get(shard).tar, part["image_member"].to_list())
+            blobs = shard_source.get(shard).read_images(part["image_member"].to_list())
         except FileNotFoundError:
             context.log.warning(f"census: shard {shard} tar is gone; no face counts for it")
             continue
@@ -179,13 +178,11 @@ def _parquet_column(ok: pl.DataFrame, column: str, shard_source: ShardSource | N
     parts = []
     for shard in sorted(ok["shard"].unique().to_list()):
         try:
-            parquet = shard_source.get(shard).parquet if shard_source is not None else None
+            values = shard_source.get(shard).read_parquet([column]) if shard_source is not None else None
         except FileNotFoundError:
-            parquet = None
-        names = pl.read_parquet_schema(parquet) if parquet is not None else {}
-        if parquet is not None and "key" in names and column in names:
-            parts.append(pl.read_parquet(parquet, columns=["key", column])
-                         .select(pl.lit(shard).alias("shard"), pl.col("key").cast(pl.String), pl.col(column)))
+            values = None
+        if values is not None:
+            parts.append(values.select(pl.lit(shard).alias("shard"), "key", column))
     if not parts:
         if required:
             raise dg.Failure(f"audits.census.group_by: no shard parquet has a key and a {column!r} column")

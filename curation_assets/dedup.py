@@ -24,7 +24,6 @@ from curation_assets.core import pixel_verify as verify_core
 from curation_assets.core.pixel_verify import VerifySettings
 from curation_assets.core.plots import figure_markdown
 from curation_assets.core.plots import markdown_table, pyplot
-from curation_assets.core.shards import read_images
 from curation_assets.core.delta import binary_to_matrix
 from curation_assets.dedup_clusters import (ALL_CLUSTERINGS, ASSIGNMENTS, GROUP, check_assignments, current_centroids,
                                             dedup_settings, encoder_name)
@@ -61,7 +60,7 @@ def _candidate_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: lis
                .filter(pl.col("uid").is_in(uids)).collect())
     out: dict[str, bytes] = {}
     for (shard,), part in members.group_by(["shard"], maintain_order=True):
-        blobs = read_images(shard_source.get(shard).tar, [m for m in part["image_member"].to_list() if m])
+        blobs = shard_source.get(shard).read_images([m for m in part["image_member"].to_list() if m])
         for uid, member in part.select("uid", "image_member").iter_rows():
             if member in blobs:
                 out[uid] = blobs[member]

@@ -53,6 +53,14 @@ def _memory_gb() -> float | None:
     return gb
 
 
+def shard_group_size() -> int:
+    """Tars per partition (``CURATION_SHARD_GROUP``, default 1: one tar, one partition)."""
+    value = os.environ.get("CURATION_SHARD_GROUP") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"CURATION_SHARD_GROUP must be a whole number of tars per partition (>= 1), got {value!r}")
+    return int(value)
+
+
 def build_resources(
     root: str | None = None,
     shards_dir: str | None = None,
@@ -73,7 +81,7 @@ def build_resources(
     return {
         "storage": DeltaStorage(root=root),
         "settings": CurationSettings(config_path=config_path, memory_gb=_memory_gb()),
-        "shard_source": ShardSource(uri=shards_dir),
+        "shard_source": ShardSource(uri=shards_dir, group_size=shard_group_size()),
         "encoder": encoder,
         "vector_search": VectorSearch(),
         "alerts": alert_sink_from_env(),

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 
 from curation_assets.core import delta
-from curation_assets.core.shards import iter_image_batches
 from curation_assets.core.validation import ConfigError, check_fields
 from curation_assets.partitions import partition_keys, shard_asset
 from resources.encoders import EncoderResource
@@ -63,11 +62,11 @@ def image_embeddings(
         blocks: list[np.ndarray] = []
         if member_uid:
             try:
-                tar = shard_source.get(shard).tar
+                ref = shard_source.get(shard)
             except FileNotFoundError as exc:
                 context.log.warning(f"{exc}; its embeddings stay as they were")
                 continue
-        for chunk in iter_image_batches(tar, member_uid, batch * 4) if member_uid else ():
+        for chunk in ref.iter_image_batches(member_uid, batch * 4) if member_uid else ():
             blocks.append(model.encode_bytes([data for _, data in chunk]))
             uids.extend(member_uid[name] for name, _ in chunk)
         missing = set(member_uid.values()) - set(uids)

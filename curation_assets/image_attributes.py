@@ -21,7 +21,6 @@ from PIL import Image
 from curation_assets.audits import audits_config
 from curation_assets.core.image_attributes import AttributeModels, sample_uids
 from curation_assets.core.images import upright
-from curation_assets.core.shards import read_images
 from curation_assets.partitions import partition_keys, shard_asset
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -68,7 +67,7 @@ def image_attributes(context: dg.AssetExecutionContext, storage: DeltaStorage, s
         chosen = set(sample_uids(ok["uid"].to_list(), cfg.sample_per_shard, cfg.seed))
         members = {u: m for u, m in ok.iter_rows() if u in chosen}
         try:
-            blobs = read_images(shard_source.get(shard).tar, members.values())
+            blobs = shard_source.get(shard).read_images(members.values())
         except FileNotFoundError as exc:
             context.log.warning(f"shard {shard}: {exc}; its attribute rows are kept as they were")
             totals["missing_shards"] += 1

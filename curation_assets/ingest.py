@@ -4,7 +4,7 @@
 import dagster as dg
 import polars as pl
 
-from curation_assets.core.shards import IngestLimits, read_shard, unreadable_shard
+from curation_assets.core.shards import IngestLimits, read_shard, unreadable_shard, within_group
 from curation_assets.partitions import partition_keys, shard_asset
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -26,7 +26,8 @@ def samples(
     keys, unsafe member paths, a tar cut off mid-stream). Images are decoded and validated, never extracted.
     Re-materialising a shard replaces exactly that shard's rows. A file that is not a tar at all becomes one
     rejected ``_shard_unreadable`` row and the other shards of the step go on; a shard whose file is gone
-    keeps its rows and is listed as missing (``curate shards remove KEY`` forgets it)."""
+    keeps its rows and is listed as missing (``curate shards remove KEY`` forgets it). A partition that is a
+    group of tars (``CURATION_SHARD_GROUP``) reads each of them, its keys prefixed with the tar's key."""
     limits = IngestLimits.from_section(settings.section("ingest"))
     totals = {"rows": 0, "ok": 0, "rejected": 0}
     errors: dict[str, int] = {}
@@ -41,12 +42,16 @@ def samples(
             context.log.warning(str(exc))
             continue
         files[shard] = ref.name
-        try:
-            df = read_shard(shard, ref.tar, ref.parquet, limits)
-        except ValueError as exc:  # not a tar at all (or 0 bytes): the shard is recorded, the others go on
-            df = unreadable_shard(shard, str(exc))
-            failed[shard] = str(exc)
-            context.log.error(f"shard {shard}: {exc}")
+        frames = []
+        for tar in ref.tars:
+            try:
+                df = read_shard(shard, tar.tar, tar.parquet, limits)
+            except ValueError as exc:  # not a tar at all (or 0 bytes): the tar is recorded, the others go on
+                df = unreadable_shard(shard, str(exc))
+                failed[tar.name if ref.parts else shard] = str(exc)
+                context.log.error(f"shard {shard}: {exc}")
+            frames.append(within_group(df, shard, tar.key) if ref.parts else df)
+        df = pl.concat(frames)
         storage.write_shard("samples", df, shard)
         ok = int((df["status"] == "ok").sum())
         totals["rows"] += df.height

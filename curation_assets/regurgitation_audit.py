@@ -55,7 +55,6 @@ def _search_streamed(storage: DeltaStorage, xq: np.ndarray, k: int, kept_uids: p
 
 def _training_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: list[str]) -> dict[str, bytes]:
     """Encoded training images read back from their tars (one streaming pass per shard)."""
-    from curation_assets.core.shards import read_images
 
     if not uids:
         return {}
@@ -63,7 +62,7 @@ def _training_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: list
     out: dict[str, bytes] = {}
     for (shard,), part in rows.partition_by("shard", as_dict=True).items():
         try:
-            blobs = read_images(shard_source.get(shard).tar, part["image_member"].to_list())
+            blobs = shard_source.get(shard).read_images(part["image_member"].to_list())
         except FileNotFoundError:
             continue
         out.update({uid: blobs[m] for uid, m in zip(part["uid"].to_list(), part["image_member"].to_list()) if m in blobs})

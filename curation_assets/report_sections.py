@@ -329,7 +329,6 @@ def ratio_chart_png(overall: pl.DataFrame) -> bytes | None:
 
 def thumbnails(storage, shard_source, uids, size: int = 96) -> dict[str, str | None]:
     """JPEG thumbnails (data URIs) of some samples, read from their tars (one pass per shard)."""
-    from curation_assets.core.shards import read_images
 
     uids = list(dict.fromkeys(uids))
     if not uids or shard_source is None or not storage.exists("samples"):
@@ -339,7 +338,7 @@ def thumbnails(storage, shard_source, uids, size: int = 96) -> dict[str, str | N
     out: dict[str, str | None] = {}
     for (shard,), part in members.group_by(["shard"]):
         try:
-            blobs = read_images(shard_source.get(shard).tar, [m for m in part["image_member"].to_list() if m])
+            blobs = shard_source.get(shard).read_images([m for m in part["image_member"].to_list() if m])
         except (FileNotFoundError, ValueError):
             continue
         for uid, member in part.select("uid", "image_member").iter_rows():

@@ -12,11 +12,6 @@ from resources.storage import DeltaStorage
 MAX_SHARDS_PER_TICK = 50
 
 
-def _stamp(ref) -> str:
-    stat = ref.tar.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
 @dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
            target=dg.AssetSelection.assets("samples"))
 def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSource) -> dg.SensorResult | dg.SkipReason:
@@ -36,12 +31,12 @@ def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSo
     changed = []
     for ref in refs:
         if ref.key in known:
-            stamp = _stamp(ref)
+            stamp = ref.stamp()
             if ref.key in seen and seen[ref.key] != stamp:
                 changed.append((ref, stamp))
             seen[ref.key] = stamp
     for ref in fresh:
-        seen[ref.key] = _stamp(ref)
+        seen[ref.key] = ref.stamp()
     not_shards = "; ".join(f"skipped {item.name}: {item.reason}" for item in skipped)
     if not fresh and not changed:
         return dg.SensorResult(skip_reason=f"no new or changed shards in {shard_source.uri} ({len(known)} known)"
@@ -49,7 +44,7 @@ def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSo
     if fresh:
         context.log.info(f"registering {len(fresh)} new shards")
     for ref in fresh:
-        if ref.key != ref.tar.stem:
+        if not ref.parts and ref.key != ref.tar.stem:
             context.log.info(f"{ref.name}: partition key {ref.key!r} (the name does not fit the key rule)")
     for ref, _ in changed:
         context.log.info(f"shard {ref.key}: {ref.name} changed since it was seen; re-ingesting it")

@@ -278,6 +278,14 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
     return _unique_uids(pl.DataFrame(rows, schema=SAMPLES_SCHEMA) if rows else pl.DataFrame(schema=SAMPLES_SCHEMA))
 
 
+def within_group(df: pl.DataFrame, shard: str, tar_key: str) -> pl.DataFrame:
+    """The rows :func:`read_shard` made of one tar of a shard group, keyed inside the group: key and image
+    member prefixed with the tar's key, uid ``{shard}/{tar_key}/{key}``."""
+    key = pl.lit(tar_key + "/") + pl.col("key")
+    return df.with_columns(uid=pl.lit(shard + "/") + key, key=key,
+                           image_member=pl.lit(tar_key + "/") + pl.col("image_member"))
+
+
 def _late_member(shard: str, key: str, name: str, data: bytes | None, is_image: bool, emitted: dict[str, int]) -> dict:
     """A rejected row for a member whose key's group already ended (members of one key are not adjacent in
     the tar): an image is a duplicate of the key, anything else is recorded and not read."""
