@@ -28,6 +28,7 @@ from curation_assets.core.delta import binary_to_matrix
 from curation_assets.dedup_clusters import (ALL_CLUSTERINGS, ASSIGNMENTS, GROUP, check_assignments, current_centroids,
                                             dedup_settings, encoder_name)
 from curation_assets.partitions import N_CLUSTERINGS
+from resources.compute import ComputeResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
@@ -65,6 +66,32 @@ def _candidate_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: lis
             if member in blobs:
                 out[uid] = blobs[member]
     return out
+
+
+def _verify_chunks(todo: pl.DataFrame, compute: ComputeResource) -> list[pl.DataFrame]:
+    """The pairs to verify as one piece in-process, or about four pieces per worker CPU on Ray, each piece
+    keeping the pairs of one shard together so its images are read from as few tars as possible."""
+    if not todo.height:
+        return []
+    if not compute.on_ray:
+        return [todo]
+    import ray
+
+    pieces = max(1, min(todo.height // 50, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    ordered = todo.sort("uid_a")
+    size = -(-ordered.height // pieces)
+    return [ordered.slice(i, size) for i in range(0, ordered.height, size)]
+
+
+def _verify_chunk(pairs: pl.DataFrame, storage: DeltaStorage, shard_source: ShardSource, cfg: VerifySettings
+                  ) -> tuple[pl.DataFrame, float, int]:
+    """Read both images of every pair and verify them (a task of its own on Ray): the verdicts, the seconds
+    spent reading tars and how many images could not be read."""
+    started = time.perf_counter()
+    uids = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().to_list()
+    blobs = _candidate_bytes(storage, shard_source, uids)
+    read_seconds = time.perf_counter() - started
+    return verify_candidates(pairs, blobs, cfg), read_seconds, len(uids) - len(blobs)
 
 
 def verify_candidates(pairs: pl.DataFrame, blobs: dict[str, bytes], cfg: VerifySettings) -> pl.DataFrame:
@@ -199,8 +226,19 @@ def _plan(current: pl.DataFrame, previous: pl.DataFrame | None) -> pl.DataFrame:
                                 pl.Series("new_shards", new_shards, dtype=pl.List(pl.String)))
 
 
+def _search_job(job: tuple, storage: DeltaStorage, dim: int, threshold: float, cfg: core.DedupSettings,
+                row_cap: int) -> tuple[pl.DataFrame, int, pl.Series | None, core.PairSearchStats, float]:
+    """One bucket's search (a task of its own on Ray): its pairs, rows held, new uids, counters, seconds."""
+    clustering, bucket, files, rows, new_shards = job
+    started, stats = time.perf_counter(), core.PairSearchStats()
+    pairs, held, new_uids = search_bucket(storage, clustering, bucket, files, rows, dim, threshold, cfg, stats,
+                                          row_cap, new_shards)
+    return pairs, held, new_uids, stats, time.perf_counter() - started
+
+
 def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, threshold: float,
-                   cfg: core.DedupSettings, budget: int, log) -> tuple[pl.DataFrame, dict]:
+                   cfg: core.DedupSettings, budget: int, log, compute: ComputeResource | None = None
+                   ) -> tuple[pl.DataFrame, dict]:
     """Search the buckets that changed since their last search (only the new rows of a bucket that merely
     gained shards), keep the stored pairs of the others, and return all pairs (``bucket_pairs``) with what
     was done. A bucket's new pairs are committed before its new state, so a crash in between only repeats
@@ -214,16 +252,17 @@ def search_buckets(storage: DeltaStorage, versions: dict[str, str], dim: int, th
     row_cap = bucket_row_cap(budget, dim)
     earlier = ({key: part for (key,), part in storage.read(BUCKET_PAIRS).partition_by("bucket_key", as_dict=True).items()}
                if (todo["action"] == "add").any() else {})
-    for key, clustering, bucket, files, rows, action, new_shards in todo.select(
-            "bucket_key", "clustering", "bucket", "files", "rows", "action", "new_shards").iter_rows():
-        started = time.perf_counter()
-        pairs, members[key], new_uids = search_bucket(storage, clustering, bucket, files, rows, dim, threshold, cfg,
-                                                      stats, row_cap, new_shards if action == "add" else None)
+    jobs = [(clustering, bucket, files, rows, new_shards if action == "add" else None)
+            for clustering, bucket, files, rows, action, new_shards in todo.select(
+                "clustering", "bucket", "files", "rows", "action", "new_shards").iter_rows()]
+    results = (compute or ComputeResource()).map(_search_job, jobs, "duplicate_pairs", storage, dim, threshold,
+                                                 cfg, row_cap)
+    for key, (pairs, members[key], new_uids, bucket_stats, seconds[key]) in zip(todo["bucket_key"].to_list(), results):
+        stats.merge(bucket_stats)
         if new_uids is not None:  # keep the bucket's earlier pairs that involve none of its new rows
             kept = earlier.pop(key, pl.DataFrame(schema=BUCKET_PAIRS_SCHEMA)).filter(
                 ~pl.col("uid_a").is_in(new_uids.implode()) & ~pl.col("uid_b").is_in(new_uids.implode()))
             pairs = pl.concat([kept.select(list(BUCKET_PAIRS_SCHEMA)).cast(BUCKET_PAIRS_SCHEMA), pairs])
-        seconds[key] = time.perf_counter() - started
         frames.append(pairs)
         replaced.append(key)
     vanished = ([] if previous is None or "bucket_key" not in previous.columns
@@ -272,7 +311,7 @@ def union_bucket_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
     kinds={"numpy", "deltalake"},
 )
 def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
-                    shard_source: ShardSource) -> dg.MaterializeResult:
+                    shard_source: ShardSource, compute: ComputeResource) -> dg.MaterializeResult:
     """Candidate and verified duplicate pairs, in two stages.
 
     Stage 1, bucket by bucket: every pair of embeddings with cosine >= the dedup threshold that shares a
@@ -307,7 +346,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     if len(dims) != 1:
         raise dg.Failure(f"kmeans_centroids mixes dimensions {dims}: refit kmeans_centroids")
     found, bucket_meta = search_buckets(storage, versions, int(dims[0]), threshold, cfg, settings.memory_budget(),
-                                        context.log.info)
+                                        context.log.info, compute)
     stats = bucket_meta.pop("stats")
     per_clustering = [int((found["clustering"] == c).sum()) for c in ALL_CLUSTERINGS]
     pairs = union_bucket_pairs(found).cast({k: v for k, v in PAIRS_SCHEMA.items() if k in
@@ -322,12 +361,11 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         pairs = reusable_verdicts(storage, pairs, vcfg.version())
         todo = pairs.filter(pl.col("verification").is_null())
         t = time.perf_counter()
-        uids_needed = pl.concat([todo["uid_a"], todo["uid_b"]]).unique().to_list()
-        blobs = _candidate_bytes(storage, shard_source, uids_needed) if todo.height else {}
-        read_seconds = time.perf_counter() - t
-        t = time.perf_counter()
-        fresh = verify_candidates(todo.drop(VERDICT), blobs, vcfg) if todo.height else todo
-        verify_seconds = time.perf_counter() - t
+        done = list(compute.map(_verify_chunk, _verify_chunks(todo.drop(VERDICT), compute), "verify_pairs",
+                                storage, shard_source, vcfg))
+        fresh = pl.concat([d[0] for d in done]) if done else todo
+        read_seconds, unreadable = sum((d[1] for d in done), 0.0), sum(d[2] for d in done)
+        verify_seconds = time.perf_counter() - t - (read_seconds if not compute.on_ray else 0.0)
         pairs = (pl.concat([pairs.filter(pl.col("verification").is_not_null()), fresh.select(pairs.columns)])
                  .with_columns(pl.lit(vcfg.version()).alias("verify_version")).sort(["uid_a", "uid_b"]))
         n_ok = int(pairs["verified"].sum())
@@ -336,7 +374,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         verify_meta = {
             "verification": "on", "verified_pairs": n_ok, "rejected_pairs": pairs.height - n_ok,
             "pairs_verified_now": todo.height, "verdicts_reused": pairs.height - todo.height,
-            "unreadable_images": len(uids_needed) - len(blobs),
+            "unreadable_images": unreadable,
             "structure_threshold": dg.MetadataValue.float(vcfg.structure_threshold),
             "colour_threshold": dg.MetadataValue.float(vcfg.colour_threshold),
             "image_read_seconds": dg.MetadataValue.float(read_seconds),

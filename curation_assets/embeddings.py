@@ -11,6 +11,7 @@ import polars as pl
 from curation_assets.core import delta
 from curation_assets.core.validation import ConfigError, check_fields
 from curation_assets.partitions import partition_keys, shard_asset
+from resources.compute import ComputeResource
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -32,6 +33,25 @@ class EmbeddingSettings:
         return settings
 
 
+class ShardEncoder:
+    """The encoder loaded once (in the step's process, or in a Ray actor), embedding whole shards."""
+
+    def __init__(self, encoder: EncoderResource, batch: int):
+        self.model = encoder.load()
+        self.batch = batch
+
+    def encode(self, job: tuple) -> tuple[list[str], np.ndarray, str]:
+        """``(shard, ref, {image member: uid})`` -> the uids found, their vectors and the encoder's name."""
+        _, ref, member_uid = job
+        uids: list[str] = []
+        blocks: list[np.ndarray] = []
+        for chunk in ref.iter_image_batches(member_uid, self.batch * 4) if member_uid else ():
+            blocks.append(self.model.encode_bytes([data for _, data in chunk]))
+            uids.extend(member_uid[name] for name, _ in chunk)
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.model.dim), np.float32)
+        return uids, vectors, self.model.name
+
+
 @shard_asset(
     deps=["samples"],
     group_name="ingest",
@@ -44,46 +64,50 @@ def image_embeddings(
     settings: CurationSettings,
     shard_source: ShardSource,
     encoder: EncoderResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     """A vector per ``ok`` sample (uid, shard, embedding as List(Float32), encoder name and version).
 
-    The model loads once per step and encodes every shard of the step; the step runs in the ``gpu`` pool so
-    GPU steps never oversubscribe a device. The ``encoder`` column says which encoder made each vector
+    The model loads once per step and encodes every shard of the step (on Ray: once per model actor, the
+    shards spread over the actors); the step runs in the ``gpu`` pool so GPU steps never oversubscribe a
+    device. The ``encoder`` column says which encoder made each vector
     (``perceptual-*`` is the weight-free default, not CLIP)."""
     batch = EmbeddingSettings.from_section(settings.section("embeddings")).batch_size
-    model = encoder.load()
     started = time.perf_counter()
     total = 0
+    jobs = []
     for shard in partition_keys(context):
         ok = (storage.scan("samples", [shard]).filter(pl.col("status") == "ok")
               .select("uid", "image_member").collect())
         member_uid = dict(zip(ok["image_member"].to_list(), ok["uid"].to_list()))
-        uids: list[str] = []
-        blocks: list[np.ndarray] = []
-        if member_uid:
-            try:
-                ref = shard_source.get(shard)
-            except FileNotFoundError as exc:
-                context.log.warning(f"{exc}; its embeddings stay as they were")
-                continue
-        for chunk in ref.iter_image_batches(member_uid, batch * 4) if member_uid else ():
-            blocks.append(model.encode_bytes([data for _, data in chunk]))
-            uids.extend(member_uid[name] for name, _ in chunk)
-        missing = set(member_uid.values()) - set(uids)
-        if missing:
-            raise RuntimeError(f"shard {shard}: {len(missing)} ok samples vanished from the tar since ingest "
-                               f"(e.g. {sorted(missing)[:3]}); re-materialise samples for this shard")
-        vectors = np.concatenate(blocks) if blocks else np.zeros((0, model.dim), np.float32)
-        storage.write_shard("image_embeddings", delta.embeddings_frame(uids, [shard] * len(uids), vectors, model.name), shard)
-        total += len(uids)
-        context.log.info(f"shard {shard}: {len(uids)} embeddings ({model.name})")
+        try:
+            ref = shard_source.get(shard) if member_uid else None
+        except FileNotFoundError as exc:
+            context.log.warning(f"{exc}; its embeddings stay as they were")
+            continue
+        jobs.append((shard, ref, member_uid))
+    pool = compute.pool(ShardEncoder, (encoder, batch), "image_embeddings", len(jobs))
+    name, dim = "", 0
+    try:
+        for (shard, _, member_uid), (uids, vectors, name) in zip(jobs, pool.map("encode", jobs)):
+            dim = vectors.shape[1]
+            missing = set(member_uid.values()) - set(uids)
+            if missing:
+                raise RuntimeError(f"shard {shard}: {len(missing)} ok samples vanished from the tar since ingest "
+                                   f"(e.g. {sorted(missing)[:3]}); re-materialise samples for this shard")
+            storage.write_shard("image_embeddings", delta.embeddings_frame(uids, [shard] * len(uids), vectors, name), shard)
+            total += len(uids)
+            context.log.info(f"shard {shard}: {len(uids)} embeddings ({name}, {compute.describe()})")
+    finally:
+        pool.close()
     seconds = time.perf_counter() - started
     return dg.MaterializeResult(
         metadata={
             **storage.table_metadata("image_embeddings", None),
             "dagster/row_count": total,
-            "encoder": model.name,
-            "dim": model.dim,
+            "encoder": name,
+            "dim": dim,
+            "ran_on": compute.describe(),
             "images_per_second": dg.FloatMetadataValue(total / seconds if seconds else 0.0),
             "table": dg.MetadataValue.path(str(storage.table_path("image_embeddings"))),
         }

@@ -6,9 +6,24 @@ import polars as pl
 
 from curation_assets.core.shards import IngestLimits, read_shard, unreadable_shard, within_group
 from curation_assets.partitions import partition_keys, shard_asset
+from resources.compute import ComputeResource
 from resources.settings import CurationSettings
-from resources.shard_source import ShardSource
+from resources.shard_source import ShardRef, ShardSource
 from resources.storage import DeltaStorage
+
+
+def read_partition(ref: ShardRef, limits: IngestLimits) -> tuple[pl.DataFrame, dict[str, str]]:
+    """The ``samples`` rows of one partition (a tar or a group of tars; a task of its own on Ray) and the
+    tars that could not be read at all, with why."""
+    frames, failed = [], {}
+    for tar in ref.tars:
+        try:
+            df = read_shard(ref.key, tar.tar, tar.parquet, limits)
+        except ValueError as exc:  # not a tar at all (or 0 bytes): the tar is recorded, the others go on
+            df = unreadable_shard(ref.key, str(exc))
+            failed[tar.name if ref.parts else ref.key] = str(exc)
+        frames.append(within_group(df, ref.key, tar.key) if ref.parts else df)
+    return pl.concat(frames), failed
 
 
 @shard_asset(
@@ -20,6 +35,7 @@ def samples(
     storage: DeltaStorage,
     settings: CurationSettings,
     shard_source: ShardSource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     """One row per sample of the shard: uid, caption, size, sha256 and ``status`` (``ok``, or ``rejected``
     with a readable ``error``: corrupt or truncated bytes, unsupported formats, decompression bombs, duplicate
@@ -34,24 +50,19 @@ def samples(
     failed: dict[str, str] = {}
     missing: list[str] = []
     files: dict[str, str] = {}
+    refs = []
     for shard in partition_keys(context):
         try:
-            ref = shard_source.get(shard)
+            refs.append(shard_source.get(shard))
         except FileNotFoundError as exc:
             missing.append(shard)  # its rows (if any) stay as they were; nothing is invented for it
             context.log.warning(str(exc))
-            continue
+    for ref, (df, unreadable) in zip(refs, compute.map(read_partition, refs, "samples", limits)):
+        shard = ref.key
         files[shard] = ref.name
-        frames = []
-        for tar in ref.tars:
-            try:
-                df = read_shard(shard, tar.tar, tar.parquet, limits)
-            except ValueError as exc:  # not a tar at all (or 0 bytes): the tar is recorded, the others go on
-                df = unreadable_shard(shard, str(exc))
-                failed[tar.name if ref.parts else shard] = str(exc)
-                context.log.error(f"shard {shard}: {exc}")
-            frames.append(within_group(df, shard, tar.key) if ref.parts else df)
-        df = pl.concat(frames)
+        for name, error in unreadable.items():
+            failed[name] = error
+            context.log.error(f"shard {shard}: {error}")
         storage.write_shard("samples", df, shard)
         ok = int((df["status"] == "ok").sum())
         totals["rows"] += df.height
@@ -60,7 +71,7 @@ def samples(
         for error in df.filter(pl.col("status") == "rejected")["error"].to_list():
             kind = (error or "unknown").split(":")[0][:60]
             errors[kind] = errors.get(kind, 0) + 1
-        context.log.info(f"shard {shard}: {df.height} samples, {ok} ok, {df.height - ok} rejected ({ref.tar})")
+        context.log.info(f"shard {shard}: {df.height} samples, {ok} ok, {df.height - ok} rejected ({ref.name})")
     rejected_table = "\n".join(f"| {k} | {v} |" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
     return dg.MaterializeResult(
         metadata={

@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import signal
+import sys
 import socket
 import subprocess
 import tempfile
@@ -104,3 +105,44 @@ def _postmaster_pid(db: Path) -> int | None:
         return int((db / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+@contextmanager
+def ray_cluster(num_cpus: int = 2):
+    """A local Ray cluster (``ray start --head --node-ip-address 127.0.0.1``) in a fresh temp dir; yields
+    ``(address, dashboard_url)`` and stops every process of that session by PID afterwards."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    if not ray_bin.exists():
+        pytest.skip("ray is not installed (pip install 'ray[default]')")
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    port, dashboard = free_port(), free_port()
+    started = subprocess.run(
+        [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", str(num_cpus), "--num-gpus", "0", "--include-dashboard", "true",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", str(temp),
+         "--disable-usage-stats"], capture_output=True, text=True, timeout=180)
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
+    finally:
+        for pid in _pids_using(str(temp)):
+            _stop_pid(pid, signal.SIGTERM, timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _pids_using(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (the daemons of one Ray session name its temp dir) and
+    their children (workers rename themselves ``ray::...``), children first."""
+    import psutil
+
+    found: dict[int, None] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in (proc.info["cmdline"] or [])):
+                for child in proc.children(recursive=True):
+                    found[child.pid] = None
+                found[proc.info["pid"]] = None
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found)

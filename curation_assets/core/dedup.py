@@ -363,6 +363,13 @@ class PairSearchStats:
     dot_products: int = 0
     seconds: float = 0.0
 
+    def merge(self, other: "PairSearchStats") -> None:
+        """Add the counters of a search done elsewhere (another bucket's task)."""
+        self.clusters += other.clusters
+        self.largest_cluster = max(self.largest_cluster, other.largest_cluster)
+        self.dot_products += other.dot_products
+        self.seconds += other.seconds
+
 
 def _cluster_pairs(x: np.ndarray, idx: np.ndarray, thr: np.float32, row_block: int, col_block: int,
                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], int]:
