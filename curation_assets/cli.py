@@ -36,8 +36,10 @@ def demo_data(out: Path, shards: int, per_shard: int, seed: int, size: int, drif
 
 
 @main.command("run")
-@click.option("--shards-dir", type=click.Path(exists=True, file_okay=False), required=True, help="Directory of *.tar shards.")
-@click.option("--root", type=click.Path(file_okay=False), required=True, help="Data root for tables, artefacts and reports.")
+@click.option("--shards-dir", callback=lambda ctx, param, value: _existing_dir(value), required=True,
+              help="Directory of *.tar shards: a local path or an object-store URI (s3://bucket/prefix).")
+@click.option("--root", required=True, help="Data root for tables, artefacts and reports: a local path or an "
+                                             "object-store URI (s3://bucket/prefix).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               envvar="CURATION_CONFIG", help="YAML settings per stage (default: $CURATION_CONFIG).")
 @click.option("--asset", "assets", multiple=True, help="Only these assets (repeatable); default: the whole graph.")
@@ -75,7 +77,7 @@ def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, 
             pipeline.materialize(list(assets) or None, shards=shards, progress=True, keep_going=True)
         except PartialRunError as exc:
             click.echo(str(exc), err=True)
-            click.echo(f"partial run; tables under {Path(root).resolve() / 'delta'}", err=True)
+            click.echo(f"partial run; tables under {pipeline.storage.root_path / 'delta'}", err=True)
             sys.exit(1)
     for line in summary_lines(pipeline, root, shards_dir, config_path):
         click.echo(line)
@@ -85,6 +87,15 @@ def run(shards_dir: str, root: str, config_path: str | None, assets: tuple[str, 
             click.echo(f"shard {key} failed: {error}", err=True)
         click.echo(f"{len(unreadable)} of {len(shards)} shards could not be read; the others were curated", err=True)
         sys.exit(1)
+
+
+def _existing_dir(value: str) -> str:
+    """A shard directory that exists (an object-store URI is checked when the shards are listed)."""
+    from curation_assets.core.location import is_uri
+
+    if not is_uri(value) and not Path(value).is_dir():
+        raise click.BadParameter(f"directory {value!r} does not exist")
+    return value
 
 
 def unreadable_shards(storage, shards: list[str]) -> dict[str, str]:

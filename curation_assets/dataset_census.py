@@ -125,7 +125,8 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
                                                 "captions mentioning a group", "% of captioned samples")
 
     for name, frame in frames.items():
-        frame.write_parquet(out_dir / f"{name}.parquet")
+        with (out_dir / f"{name}.parquet").open("wb") as handle:
+            frame.write_parquet(handle)
     for name, png in plots.items():
         (out_dir / f"{name}.png").write_bytes(png)
     (out_dir / "notes.json").write_text(json.dumps(notes))
@@ -361,7 +362,7 @@ def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
     if table is None:
         return [rpt.Section("census", "Dataset census", missing="dataset_census not materialised (stage not run)")]
     notes = json.loads((out_dir / "notes.json").read_text()) if (out_dir / "notes.json").is_file() else {}
-    plots = [rpt.plot_html(p.read_bytes(), p.stem) for p in sorted(out_dir.glob("*.png"))]
+    plots = [rpt.plot_html(p.read_bytes(), p.stem) for p in sorted(out_dir.glob("*.png"), key=lambda p: p.name)]
     sections = [rpt.Section("census", "Dataset census", blocks=[rpt.table_html(table), *plots],
                             notes=list(notes.values()) + [MODEL_NOTE])]
     titles = {"distributions": "Image size and caption length", "safety_scores": "Safety score distributions",
@@ -371,7 +372,7 @@ def census_sections(storage: DeltaStorage) -> list[rpt.Section]:
     for name, title in titles.items():
         path = out_dir / f"{name}.parquet"
         if path.is_file():
-            frame = pl.read_parquet(path)
+            frame = pl.read_parquet(path.read_bytes())
             if name == "demographic_words":
                 frame = frame.filter(pl.col("shard") == "all")
             sections.append(rpt.Section(f"census-{name}", title, blocks=[rpt.table_html(frame)]))

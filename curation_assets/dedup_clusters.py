@@ -17,7 +17,7 @@ until the refit), or when ``dedup_recall`` drops or the mean centroid similarity
 falls for new shards (their content has drifted away from the fitted clusters).
 """
 
-import os
+import io
 import time
 from datetime import datetime, timezone
 
@@ -27,6 +27,7 @@ import polars as pl
 
 from curation_assets.core import dedup as core
 from curation_assets.core.delta import vectors_to_binary
+from curation_assets.core.location import write_atomic
 from curation_assets.partitions import (N_CLUSTERINGS, clustering_partitions, partition_keys, partitioned_asset,
                                         shard_asset)
 from resources.settings import CurationSettings
@@ -72,15 +73,11 @@ def _save_centroids(storage: DeltaStorage, clustering: str, centroids: core.TwoL
     """Write a fit under a name of its own (``clustering_<c>_<version>.npz``; write a temporary file, then
     rename) and return its path relative to the data root. Files are never overwritten in place, so a crash
     between fits leaves the table pointing at complete files of the previous fit."""
-    directory = storage.artifact_dir(CENTROIDS)
-    final = directory / f"clustering_{clustering}_{version}.npz"
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        centroids.save(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    return final.relative_to(storage.root_path).as_posix()
+    final = storage.artifact_dir(CENTROIDS) / f"clustering_{clustering}_{version}.npz"
+    buffer = io.BytesIO()
+    centroids.save(buffer)
+    write_atomic(final, buffer.getvalue())
+    return f"artifacts/{CENTROIDS}/{final.name}"
 
 
 def _load_centroids(storage: DeltaStorage, row: dict) -> core.TwoLevelCentroids:
@@ -92,7 +89,7 @@ def _load_centroids(storage: DeltaStorage, row: dict) -> core.TwoLevelCentroids:
     if path.suffix != ".npz":
         raise dg.Failure(f"{row['path']} holds one-level centroids of an older release: re-materialise "
                          "kmeans_centroids, then every shard of cluster_assignments")
-    centroids = core.TwoLevelCentroids.load(path)
+    centroids = core.TwoLevelCentroids.load(io.BytesIO(path.read_bytes()))
     if (centroids.k, centroids.dim) != (row["k"], row["dim"]) or centroids.version() != row["version"]:
         raise dg.Failure(f"{row['path']} does not hold the centroids its kmeans_centroids row describes "
                          f"(shape {(centroids.k, centroids.dim)}, expected ({row['k']}, {row['dim']})): "

@@ -16,6 +16,7 @@ from typing import Sequence
 import dagster as dg
 
 from curation_assets import runner
+from curation_assets.core.location import as_path, is_uri, local_state_dir
 from curation_assets.partitions import SHARDS
 
 LAUNCHER_TAG = "curation/launched_by"
@@ -57,9 +58,10 @@ def instance_config(postgres: bool = False) -> str:
 
 
 def home_dir(root: str | Path) -> Path:
-    """``$DAGSTER_HOME`` when set, else ``<root>/dagster_home`` (see :func:`dagster_home`)."""
+    """``$DAGSTER_HOME`` when set, else ``<root>/dagster_home`` (for an object-store root, the root's local
+    state directory, :func:`~curation_assets.core.location.local_state_dir`; see :func:`dagster_home`)."""
     env = os.environ.get("DAGSTER_HOME")
-    return Path(env).expanduser().resolve() if env else Path(root).expanduser().resolve() / "dagster_home"
+    return Path(env).expanduser().resolve() if env else local_state_dir(root) / "dagster_home"
 
 
 def dagster_home(root: str | Path) -> Path:
@@ -119,7 +121,7 @@ class Pipeline:
         that this launcher left ``STARTED`` in the instance cannot belong to a live process."""
         from curation_assets.core.locks import file_lock
 
-        return file_lock(self.root / "locks" / "curate_run.lock", blocking=False)
+        return file_lock(local_state_dir(self.root) / "locks" / "curate_run.lock", blocking=False)
 
     def fail_abandoned_runs(self) -> list[str]:
         """Mark runs of this launcher that are still ``STARTING``/``STARTED`` as failed (a killed ``curate run``
@@ -181,9 +183,10 @@ def open_pipeline(root: str | Path, shards_dir: str | Path, config_path: str | N
     environment (a daemon started from here, ``dagster dev``) sees the same root."""
     from curation_assets.definitions import build_definitions
 
-    root = Path(root).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    shards_dir = Path(shards_dir).expanduser().resolve()
+    root = as_path(root)
+    if not is_uri(root):
+        root.mkdir(parents=True, exist_ok=True)
+    shards_dir = as_path(shards_dir)
     os.environ["CURATION_ROOT"] = str(root)
     os.environ["CURATION_SHARDS"] = str(shards_dir)
     if config_path:

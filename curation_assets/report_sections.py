@@ -418,7 +418,8 @@ def tables_section(storage) -> rpt.Section:
         flat = [c for c, t in schema.items() if not isinstance(t, (pl.List, pl.Array, pl.Struct, pl.Binary))]
         csv = ""
         if n <= CSV_MAX_ROWS:
-            frame.select(flat).collect().write_csv(export_dir / f"{name}.csv")
+            with (export_dir / f"{name}.csv").open("wb") as handle:
+                frame.select(flat).collect().write_csv(handle)
             csv = f"tables/{name}.csv"
         rows.append({"table": name, "rows": n, "columns": len(schema), "CSV": csv,
                      "Delta table": str(storage.table_path(name))})

@@ -86,7 +86,7 @@ def load_classifiers(storage: DeltaStorage, version: str | None = None) -> tuple
 
 def load_oof(directory: Path) -> pl.DataFrame:
     """Held-out (out-of-fold) scores of the labelled samples stored with a classifier version."""
-    return pl.read_parquet(directory / "cv_scores.parquet")
+    return pl.read_parquet((directory / "cv_scores.parquet").read_bytes())
 
 
 def _pr_plot(results: dict[str, tuple[CrossValidation, float]]) -> str:
@@ -190,7 +190,8 @@ def safety_classifiers(context: dg.AssetExecutionContext, storage: DeltaStorage,
                 "metrics": {r["category"]: {k: r[k] for k in ("n_positive", "n_negative", "cv_auc",
                                                                "precision_at_target", "threshold")} for r in rounds}}
     save_bank(directory, probes, manifest)
-    pl.concat(cv_frames).join(samples_sha, on="uid", how="left").write_parquet(directory / "cv_scores.parquet")
+    with (directory / "cv_scores.parquet").open("wb") as handle:
+        pl.concat(cv_frames).join(samples_sha, on="uid", how="left").write_parquet(handle)
     publish_latest(classifier_root(storage), directory.name)
     table = _record_round(storage, rounds)
     context.log.info(f"trained {len(probes)} classifiers ({directory.name}) on label round {round_no}")

@@ -19,7 +19,8 @@ from pydantic import Field
 
 RAY_NAMESPACE = "curation"
 _FORWARDED_ENV = ("CURATION_ROOT", "CURATION_SHARDS", "CURATION_CONFIG", "CURATION_MEMORY_GB", "CURATION_SHARD_GROUP",
-                  "HF_HUB_OFFLINE")
+                  "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                  "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -11,6 +11,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import dagster as dg
 import polars as pl
 
+from curation_assets.core.location import as_path, mtime_ns
+
 KEY_RULE = ("1 to 100 characters: letters, digits, '_', '-' and '.', starting with a letter or digit, "
             "with no '..'")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -59,8 +61,8 @@ class ShardRef:
         """Size and modification time of every tar: changes when a tar is rewritten or a group gains one."""
         stamps = []
         for ref in self.tars:
-            stat = ref.tar.stat()
-            stamps.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+            size, mtime = mtime_ns(ref.tar)
+            stamps.append(f"{size}:{mtime}")
         return stamps[0] if not self.parts else ";".join(f"{r.key}={x}" for r, x in zip(self.parts, stamps))
 
     def _split(self, members: Iterable[str]) -> dict["ShardRef", dict[str, str]]:
@@ -107,10 +109,10 @@ class ShardRef:
         when no tar of this partition has such a parquet."""
         frames = []
         for ref in self.tars:
-            names = pl.read_parquet_schema(ref.parquet) if ref.parquet is not None else {}
+            names = pl.read_parquet_schema(str(ref.parquet)) if ref.parquet is not None else {}
             if ref.parquet is None or "key" not in names or any(c not in names for c in columns):
                 continue
-            frame = pl.read_parquet(ref.parquet, columns=["key", *columns]).with_columns(pl.col("key").cast(pl.String))
+            frame = pl.read_parquet(str(ref.parquet), columns=["key", *columns]).with_columns(pl.col("key").cast(pl.String))
             if self.parts:
                 frame = frame.with_columns((pl.lit(ref.key + "/") + pl.col("key")).alias("key"))
             frames.append(frame)
@@ -135,18 +137,18 @@ class ShardSource(dg.ConfigurableResource):
     changes its stamp and is re-ingested whole. Group mode needs img2dataset's numbered names; other names are
     skipped with the reason.
 
-    ``uri`` is a local path today; the resource is the one place that lists and opens shards, so an
-    object-store implementation (``s3://``, ``gs://``) only has to replace ``scan`` and ``get``.
+    ``uri`` is a local directory or an object-store prefix (``s3://bucket/incoming``, with the standard
+    ``AWS_*`` variables; see :mod:`curation_assets.core.location`): the same listing rules apply to both, and
+    tars are read as streams.
     """
 
     uri: str = "data/shards"
     group_size: int = 1
 
     @property
-    def directory(self) -> Path:
-        if "://" in self.uri and not self.uri.startswith("file://"):
-            raise NotImplementedError(f"shard source {self.uri!r}: only local directories are supported so far")
-        return Path(self.uri.removeprefix("file://")).expanduser().resolve()
+    def directory(self):
+        """A ``Path``, or a ``UPath`` for an object-store prefix (tars are then streamed, never copied)."""
+        return as_path(self.uri)
 
     def scan(self) -> tuple[list[ShardRef], list[SkippedFile]]:
         """Every partition in key order (a tar, or a group of tars), and every tar-like file that is not a
@@ -180,7 +182,7 @@ class ShardSource(dg.ConfigurableResource):
             return [], []
         refs: dict[str, ShardRef] = {}
         skipped: list[SkippedFile] = []
-        for path in sorted(directory.iterdir()):
+        for path in sorted(directory.iterdir(), key=lambda p: p.name):
             name, lower = path.name, path.name.lower()
             if lower.endswith(_IN_PROGRESS):
                 skipped.append(SkippedFile(name, "still being written (a temporary download name)"))

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from curation_assets.core import delta
+from curation_assets.core.location import as_path, is_uri, local_state_dir, write_atomic
 from curation_assets.core.locks import file_lock
 
 
@@ -63,7 +64,10 @@ def _json_default(value):
 
 class DeltaStorage(dg.ConfigurableResource):
     """The data root: Delta tables under ``<root>/delta/<asset>``, model artefacts under
-    ``<root>/artifacts/<asset>``, HTML pages under ``<root>/reports``.
+    ``<root>/artifacts/<asset>``, HTML pages under ``<root>/reports``. ``root`` is a local path or an
+    object-store URI (``s3://bucket/prefix``, see :mod:`curation_assets.core.location`): tables are written
+    with delta-rs's object store (its conditional puts make concurrent commits safe on S3, MinIO and R2),
+    artefacts and pages through fsspec.
 
     Heavy assets write their own tables through this resource (a shard at a time) instead of an IO
     manager, which would overwrite whole tables on ranged backfills.
@@ -72,10 +76,15 @@ class DeltaStorage(dg.ConfigurableResource):
     root: str = "data"
 
     @property
-    def root_path(self) -> Path:
-        return Path(self.root).expanduser().resolve()
+    def root_path(self):
+        """A ``Path`` for a local root, a ``UPath`` for an object-store root."""
+        return as_path(self.root)
 
-    def table_path(self, name: str) -> Path:
+    @property
+    def on_object_store(self) -> bool:
+        return is_uri(self.root)
+
+    def table_path(self, name: str):
         return self.root_path / "delta" / name
 
     def artifact_dir(self, name: str) -> Path:
@@ -91,7 +100,7 @@ class DeltaStorage(dg.ConfigurableResource):
     def locked(self, name: str):
         """An exclusive lock on ``name`` between processes on this machine (``<root>/locks``), for a
         read-then-append that must not interleave with another (taking the next label round)."""
-        return file_lock(self.root_path / "locks" / f"{name}.lock")
+        return file_lock(local_state_dir(self.root) / "locks" / f"{name}.lock")
 
     def exists(self, name: str) -> bool:
         return delta.table_exists(self.table_path(name))
@@ -126,7 +135,7 @@ class DeltaStorage(dg.ConfigurableResource):
     def write_json(self, asset: str, payload: dict, name: str = "summary.json") -> Path:
         """A small JSON artefact of ``asset`` (numpy numbers become plain numbers)."""
         path = self.artifact_dir(asset) / name
-        path.write_text(json.dumps(payload, indent=2, default=_json_default))
+        write_atomic(path, json.dumps(payload, indent=2, default=_json_default).encode())
         return path
 
     def read_json(self, asset: str, name: str = "summary.json") -> dict | None:
@@ -150,7 +159,7 @@ class DeltaStorage(dg.ConfigurableResource):
         }
         if report_section:
             page = self.root_path / "reports" / "curation_report.html"
-            out["report"] = dg.MetadataValue.url(f"{page.as_uri()}#{report_section}")
+            out["report"] = dg.MetadataValue.url(f"{page.as_uri() if not self.on_object_store else page}#{report_section}")
         return out
 
     def delete_where(self, name: str, column: str, value: str | int) -> None:

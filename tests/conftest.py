@@ -19,6 +19,14 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 SMALL = {"shards": 2, "per_shard": 200, "seed": 1, "size": 128}
 
 
+def demo_shards(out: Path, shards: int, per_shard: int, size: int = 96, seed: int = 5) -> Path:
+    """A small demo corpus of ``shards`` tars (with parquet sidecars) written to ``out``."""
+    from curation_assets.demo.corpus import write_demo_corpus
+
+    write_demo_corpus(out, shards=shards, per_shard=per_shard, seed=seed, size=size)
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """A small demo corpus (2 shards x 200 images of 128 px) with ground_truth.parquet and generated/."""

@@ -146,3 +146,36 @@ def _pids_using(marker: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return list(found)
+
+
+@contextmanager
+def s3_server(monkeypatch, bucket: str = "curation"):
+    """An S3-compatible server (moto's server mode) on a free port of 127.0.0.1 with one bucket; sets the
+    standard AWS_* variables delta-rs, polars and s3fs read, yields the bucket's ``s3://`` URI and stops the
+    server by PID."""
+    moto = Path(sys.executable).parent / "moto_server"
+    if not moto.exists():
+        pytest.skip("moto's server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ALLOW_HTTP": "true"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield f"s3://{bucket}"
+    finally:
+        _stop_pid(proc.pid)

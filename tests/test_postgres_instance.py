@@ -2,13 +2,13 @@
 in Postgres, and `curate run` materialises the whole graph against a real Postgres server on 127.0.0.1
 (tests/test_drift_daemon.py runs the sensors and the automation sensor under a daemon against it)."""
 
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import demo_shards
 from tests.services import postgres_server
 
 
@@ -47,9 +47,7 @@ def test_curate_run_keeps_its_instance_in_postgres(tmp_path, postgres_home):
     assert again.exit_code == 1 and "exists" in again.output
 
     shards, root = tmp_path / "shards", tmp_path / "root"
-    made = CliRunner().invoke(main, ["demo-data", "--out", str(shards), "--shards", "2", "--per-shard", "60",
-                                     "--size", "96", "--seed", "5"])
-    assert made.exit_code == 0, made.output
+    demo_shards(shards, 2, 60, size=96, seed=5)
     ran = CliRunner().invoke(main, ["run", "--shards-dir", str(shards), "--root", str(root)])
     assert ran.exit_code == 0, ran.output
     assert f"Dagster home {home}" in ran.output

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import demo_shards
 from tests.services import ray_cluster
 
 COMPARED = {
@@ -57,12 +58,8 @@ def test_the_ray_path_writes_the_same_tables_and_runs_its_work_on_the_cluster(tm
     import ray
     from ray.util.state import list_tasks
 
-    from curation_assets.cli import main
-
     shards = tmp_path / "shards"
-    made = CliRunner().invoke(main, ["demo-data", "--out", str(shards), "--shards", "3", "--per-shard", "60",
-                                     "--size", "96", "--seed", "5"])
-    assert made.exit_code == 0, made.output
+    demo_shards(shards, 3, 60, size=96, seed=5)
     _run(shards, tmp_path / "local", monkeypatch)
     with ray_cluster(num_cpus=2) as (address, dashboard):
         try:

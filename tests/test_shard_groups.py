@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from resources.shard_source import ShardSource
+from tests.conftest import demo_shards
 
 
 def _members(tar) -> set[str]:
@@ -25,9 +26,7 @@ def test_twenty_tars_in_groups_of_five_make_four_partitions_with_every_row(tmp_p
     from resources.storage import DeltaStorage
 
     shards, root = tmp_path / "shards", tmp_path / "root"
-    made = CliRunner().invoke(main, ["demo-data", "--out", str(shards), "--shards", "20", "--per-shard", "12",
-                                     "--size", "64", "--seed", "3"])
-    assert made.exit_code == 0, made.output
+    demo_shards(shards, 20, 12, size=64, seed=3)
     tars = sorted(shards.glob("*.tar"))
     assert len(tars) == 20
     expected = {f"{t.stem}/{key}" for t in tars for key in _members(t)}

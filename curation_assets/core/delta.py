@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import polars as pl
 
+from curation_assets.core.location import is_uri
 from curation_assets.core.locks import file_lock
 
 _RETRIES = 12
@@ -41,6 +42,17 @@ def _retrying(write, what: str):
             last = exc
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise RuntimeError(f"could not commit {what} after {_RETRIES} attempts: {last}") from last
+
+
+def _make_parent(path: str | Path) -> None:
+    """Create the directory a local table lives in (an object store has no directories to make)."""
+    if not is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _file(path: str | Path, relative: str) -> str:
+    """A data file of a table, by the relative path its add action names."""
+    return f"{str(path).rstrip('/')}/{relative}" if is_uri(path) else str(Path(path) / relative)
 
 
 def _arrow(df: pl.DataFrame):
@@ -103,7 +115,7 @@ def read_files(path: str | Path, files: Sequence[str], columns: Sequence[str], w
     Partition columns are not in the files. Cheaper than a filtered table scan, which lists every file."""
     if not files:
         return pl.DataFrame()
-    lf = pl.scan_parquet([str(Path(path) / f) for f in files])
+    lf = pl.scan_parquet([_file(path, f) for f in files])
     if where is not None:
         lf = lf.filter(where)
     return lf.select(list(columns)).collect()
@@ -154,7 +166,7 @@ def _overwrite_where(path: str | Path, df: pl.DataFrame, predicate: str, partiti
     writer that adds columns (a newer release) evolves the schema instead of failing."""
     from deltalake import write_deltalake
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     data = _arrow(df)
 
     def overwrite():
@@ -174,7 +186,13 @@ def _overwrite_where(path: str | Path, df: pl.DataFrame, predicate: str, partiti
 
 
 def _creating(path: str | Path):
-    """An exclusive lock (between processes on this machine) around creating the table at ``path``."""
+    """An exclusive lock (between processes on this machine) around creating the table at ``path``. On an
+    object store the first commit is a conditional put: the loser sees "already exists" and retries as an
+    overwrite."""
+    if is_uri(path):
+        from contextlib import nullcontext
+
+        return nullcontext()
     path = Path(path)
     return file_lock(path.parent / ".locks" / f"{path.name}.create.lock")
 
@@ -188,7 +206,13 @@ def delete_where(path: str | Path, column: str, value: str | int) -> None:
         _retrying(lambda: DeltaTable(str(path)).delete(predicate), f"delete {predicate} from {path}")
 
 
-def _footprint(path: Path) -> tuple[int, int]:
+def _footprint(path: str | Path) -> tuple[int, int]:
+    if is_uri(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(path))
+        sizes = [info["size"] for name, info in fs.find(root, detail=True).items() if name.endswith(".parquet")]
+        return len(sizes), sum(sizes)
     files = [p for p in Path(path).rglob("*.parquet") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
 
@@ -199,12 +223,12 @@ def maintain(path: str | Path, retention_hours: int, compact: bool = True) -> di
     Returns the parquet file count and bytes before and after."""
     from deltalake import DeltaTable
 
-    files_before, bytes_before = _footprint(Path(path))
+    files_before, bytes_before = _footprint(path)
     compacted = (_retrying(lambda: DeltaTable(str(path)).optimize.compact(), f"compact {path}") if compact
                  else {"numFilesRemoved": 0})
     removed = _retrying(lambda: DeltaTable(str(path)).vacuum(retention_hours=retention_hours, dry_run=False,
                                                              enforce_retention_duration=False), f"vacuum {path}")
-    files_after, bytes_after = _footprint(Path(path))
+    files_after, bytes_after = _footprint(path)
     return {"files_before": files_before, "files_after": files_after, "bytes_before": bytes_before,
             "bytes_after": bytes_after, "files_compacted": int(compacted.get("numFilesRemoved", 0)),
             "files_vacuumed": len(removed)}
@@ -214,7 +238,7 @@ def write_table(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] 
     """Replace a whole (global) table, schema included; returns the rows written."""
     from deltalake import write_deltalake
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     data = _arrow(df)
     _retrying(
         lambda: write_deltalake(str(path), data, mode="overwrite", schema_mode="overwrite",
@@ -237,9 +261,14 @@ def write_table_streamed(path: str | Path, frames: Iterable[pl.DataFrame], schem
     import pyarrow.parquet as pq
     from deltalake import write_deltalake
 
+    import tempfile
+
     arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
-    staging = Path(path).parent / f".{Path(path).name}.staging-{uuid.uuid4().hex[:12]}"
-    staging.mkdir(parents=True)
+    if is_uri(path):  # staged on local disk, committed to the store
+        staging = Path(tempfile.mkdtemp(prefix="curation-staging-"))
+    else:
+        staging = Path(path).parent / f".{Path(path).name}.staging-{uuid.uuid4().hex[:12]}"
+        staging.mkdir(parents=True)
     try:
         files, written = [], 0
         for frame in frames:
@@ -266,7 +295,7 @@ def append(path: str | Path, df: pl.DataFrame, partition_by: Sequence[str] | Non
 
     if df.height == 0:
         return 0
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     data = _arrow(df)
     _retrying(
         lambda: write_deltalake(str(path), data, mode="append", schema_mode="merge",

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import polars as pl
 from markupsafe import Markup
 
+from curation_assets.core.location import as_path, write_atomic
 from curation_assets.core.plots import png_data_uri  # noqa: F401  (re-exported for the report pages)
 
 
@@ -180,9 +181,6 @@ def render_page(title: str, sections: Sequence[Section], subtitle: str | None = 
 
 def write_page(path: str | Path, page: str) -> Path:
     """Write atomically (a reader never sees half a page)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    path = as_path(path)
+    write_atomic(path, page.encode("utf-8"))
     return path

@@ -13,14 +13,16 @@ manifest, so a swapped file can at worst hold wrong numbers, never code.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from curation_assets.core.location import as_path, create_exclusive, local, write_atomic
 
 ARTIFACT_FORMAT = "curation-linear-probe/1"
 
@@ -269,16 +271,18 @@ class LinearProbe:
         return sigmoid(self.platt_a * self.margin(X) + self.platt_b)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / f"{self.category}.npz"
-        np.savez(path, weight=self.weight.astype(np.float64), bias=np.float64(self.bias),
+        path = as_path(directory) / f"{self.category}.npz"
+        buffer = io.BytesIO()
+        np.savez(buffer, weight=self.weight.astype(np.float64), bias=np.float64(self.bias),
                  platt=np.array([self.platt_a, self.platt_b], dtype=np.float64),
                  scaler_mean=self.scaler_mean.astype(np.float64), scaler_scale=self.scaler_scale.astype(np.float64))
+        write_atomic(path, buffer.getvalue())
         return path
 
     @classmethod
     def load(cls, path: str | Path, category: str | None = None) -> "LinearProbe":
-        path = Path(path)
-        with np.load(path, allow_pickle=False) as z:
+        path = as_path(path)
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
             expected = {"weight", "bias", "platt", "scaler_mean", "scaler_scale"}
             if set(z.files) != expected:
                 raise ValueError(f"{path}: not a linear-probe artefact (arrays {sorted(z.files)})")
@@ -403,22 +407,21 @@ def train_probe(X: np.ndarray, y: np.ndarray, category: str, cfg: ClassifierConf
 
 def save_bank(directory: str | Path, probes: Sequence[LinearProbe], manifest: Mapping[str, Any]) -> Path:
     """Write every probe and ``manifest.json`` (format, categories, anything the caller adds)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for p in probes:
         p.save(directory)
     body = {"format": ARTIFACT_FORMAT, "categories": [p.category for p in probes],
             "dim": probes[0].dim if probes else None,
             "probes": {p.category: p.info for p in probes}, **dict(manifest)}
-    tmp = directory / ".manifest.json.tmp"  # the manifest is what makes a version complete: written last
-    tmp.write_text(json.dumps(body, indent=2, default=_json_default))
-    os.replace(tmp, directory / "manifest.json")
+    # the manifest is what makes a version complete: written last
+    write_atomic(directory / "manifest.json", json.dumps(body, indent=2, default=_json_default).encode())
     return directory
 
 
 def load_bank(directory: str | Path, categories: Sequence[str] | None = None) -> tuple[list[LinearProbe], dict]:
     """Probes and manifest of one artefact version; only ``.npz`` arrays and JSON are read."""
-    directory = Path(directory)
+    directory = as_path(directory)
     manifest = json.loads((directory / "manifest.json").read_text())
     if manifest.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{directory}: unknown artefact format {manifest.get('format')!r}")
@@ -446,34 +449,37 @@ def _json_default(value: Any):
 
 def next_version(root: str | Path) -> tuple[int, Path]:
     """Take the next free ``v0001``-style version directory under ``root``: created here with an exclusive
-    ``mkdir``, so two trainings at once never get the same version."""
-    root = Path(root)
+    ``mkdir`` (on an object store, an exclusive put of ``v0001/.claimed``), so two trainings at once never get
+    the same version."""
+    root = as_path(root)
     root.mkdir(parents=True, exist_ok=True)
     existing = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
     version = max(existing, default=0) + 1
     while True:
         directory = root / f"v{version:04d}"
-        try:
-            directory.mkdir()
+        if local(directory):
+            try:
+                directory.mkdir()
+                return version, directory
+            except FileExistsError:
+                pass
+        elif create_exclusive(directory / ".claimed"):
             return version, directory
-        except FileExistsError:
-            version += 1
+        version += 1
 
 
 def publish_latest(root: str | Path, version: str) -> None:
     """Point ``LATEST`` at ``version`` (write a temporary file, then rename: readers never see half a name)."""
-    root = Path(root)
-    tmp = root / f".LATEST.{os.getpid()}.tmp"
-    tmp.write_text(version)
-    os.replace(tmp, root / "LATEST")
+    write_atomic(as_path(root) / "LATEST", version.encode())
 
 
 def latest_version(root: str | Path) -> Path | None:
-    root = Path(root)
+    root = as_path(root)
     pointer = root / "LATEST"
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
         if (candidate / "manifest.json").is_file():
             return candidate
-    versions = sorted(p for p in root.glob("v[0-9]*") if (p / "manifest.json").is_file()) if root.exists() else []
+    versions = sorted((p for p in root.glob("v[0-9]*") if (p / "manifest.json").is_file()),
+                      key=lambda p: p.name) if root.exists() else []
     return versions[-1] if versions else None

@@ -24,6 +24,7 @@ import polars as pl
 from PIL import Image
 
 from curation_assets.core.images import upright
+from curation_assets.core.location import as_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TRUNCATED_KEY = "_tar_truncated"
@@ -90,11 +91,13 @@ def _split(name: str) -> tuple[str, str]:
 
 def iter_members(tar_path: Path) -> Iterator[tuple[tarfile.TarInfo | None, bytes | None, str | None]]:
     """Stream ``(info, data, error)`` for every member; a final ``(None, None, error)`` if the tar is truncated."""
+    stream = as_path(tar_path).open("rb")
     try:
-        handle = tarfile.open(tar_path, mode="r|*")
+        handle = tarfile.open(fileobj=stream, mode="r|*")
     except (tarfile.TarError, OSError, EOFError) as exc:
+        stream.close()
         raise ValueError(f"cannot open shard {tar_path}: {exc}") from exc
-    with handle:
+    with stream, handle:
         while True:
             try:
                 info = handle.next()
@@ -202,7 +205,7 @@ def _parquet_rows(parquet: Path | None) -> dict[str, dict]:
     if parquet is None:
         return {}
     try:
-        df = pl.read_parquet(parquet)
+        df = pl.read_parquet(str(parquet))
     except Exception as exc:  # an unreadable sidecar must not lose the shard
         return {"__error__": {"error": f"unreadable parquet {parquet.name}: {exc}"}}
     if "key" not in df.columns:
@@ -218,7 +221,7 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
     written by img2dataset keep a key's members together). Raises only when the tar cannot be opened at
     all, naming the file."""
     limits = limits or IngestLimits()
-    tar_path = Path(tar_path)
+    tar_path = as_path(tar_path)
     if not tar_path.is_file():
         raise FileNotFoundError(f"shard {shard!r}: tar file {tar_path} does not exist")
     sidecar = _parquet_rows(parquet_path)
@@ -385,7 +388,7 @@ def read_images(tar_path: Path, members: Iterable[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     if not wanted:
         return found
-    for info, data, _ in iter_members(Path(tar_path)):
+    for info, data, _ in iter_members(tar_path):
         if info is None:
             break
         if data is not None and info.name in wanted and info.name not in found:
@@ -400,7 +403,7 @@ def iter_image_batches(tar_path: Path, members: Iterable[str], batch: int) -> It
     wanted = set(members)
     seen: set[str] = set()
     chunk: list[tuple[str, bytes]] = []
-    for info, data, _ in iter_members(Path(tar_path)):
+    for info, data, _ in iter_members(tar_path):
         if info is None:
             break
         if data is not None and info.name in wanted and info.name not in seen:
