@@ -10,6 +10,7 @@ import polars as pl
 from curation_assets.audits import CENSUS_PAGE, CensusConfig, audits_config
 from curation_assets.core import report as rpt
 from curation_assets.core.plots import markdown_image, markdown_table
+from resources.compute import ComputeResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
 from resources.storage import DeltaStorage
@@ -23,7 +24,7 @@ from resources.storage import DeltaStorage
     kinds={"deltalake", "opencv", "html"},
 )
 def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, settings: CurationSettings,
-                   shard_source: ShardSource) -> dg.MaterializeResult:
+                   shard_source: ShardSource, compute: ComputeResource) -> dg.MaterializeResult:
     """What the dataset holds, per shard and overall: samples per ingest status, image sizes, caption
     lengths, safety score distributions, the duplicate rate, demographic words in captions (the bias
     stage's word lists) and frontal faces found by OpenCV's Haar cascade on a sample of images; and, from
@@ -46,31 +47,15 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     group_values = _group_values(storage, shards, cfg.group_by, shard_source) if images_exist else None
     per: dict[str, list[pl.DataFrame]] = defaultdict(list)
     drawn: dict[str, list[pl.DataFrame]] = defaultdict(list)
-    for shard in shards:  # per-shard rows exactly; the "all" rows of distributions from a bounded sample
-        samples = storage.read("samples", shards=[shard])
-        in_sample = _drawn(samples["uid"], fraction, cfg.seed)
-        drawn["samples"].append(samples.filter(in_sample))
-        per["status_counts"].append(_shards_only(census.status_counts(samples)))
-        per["distributions"].append(_shards_only(census.size_and_caption_stats(samples)))
-        per["demographic_words"].append(_shards_only(census.demographic_word_frequencies(samples, bias_groups)))
-        if scores_exist:
-            scores = storage.scan("safety_scores", [shard]).collect()
-            per["safety_scores"].append(_shards_only(census.category_score_summary(scores)))
-            drawn["scores"].append(scores.filter(_drawn(scores["uid"], fraction, cfg.seed)))
-        if has_groups:
-            per["duplicates"].append(_shards_only(census.duplicate_rate(groups, samples)))
-        per["face_rows"].append(_face_counts(context, samples, shard_source, cfg))
-        if images_exist:
-            images = storage.scan("image_attributes", [shard]).collect()
-            faces = storage.scan("face_attributes", [shard]).collect() if storage.exists("face_attributes") else None
-            memberships = _memberships(samples, bias_groups, cfg.group_by, shard_source, group_values)
-            per["apparent_attributes"].append(_shards_only(census.attribute_summary(
-                images, faces if faces is not None else _no_faces(), memberships)))
-            pick = _drawn(images["uid"], fraction, cfg.seed)
-            drawn["images"].append(images.filter(pick))
-            drawn["memberships"].append(memberships.join(images.filter(pick).select("uid"), on="uid", how="semi"))
-            if faces is not None:
-                drawn["faces"].append(faces.join(images.filter(pick).select("uid"), on="uid", how="semi"))
+    partials = compute.map(census_partial, shards, "dataset_census", storage, shard_source, cfg, bias_groups, fraction,
+                           groups if has_groups else None, group_values, scores_exist, images_exist)
+    for shard, (shard_per, shard_drawn, warnings) in zip(shards, partials):
+        for key, frame in shard_per.items():
+            per[key].append(frame)
+        for key, frame in shard_drawn.items():
+            drawn[key].append(frame)
+        for warning in warnings:
+            context.log.warning(warning)
     sample = pl.concat(drawn["samples"], how="diagonal_relaxed") if drawn["samples"] else None
     if sample is None:
         raise dg.Failure("samples is empty: materialise it first")
@@ -149,7 +134,44 @@ def dataset_census(context: dg.AssetExecutionContext, storage: DeltaStorage, set
     })
 
 
-def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg: CensusConfig) -> pl.DataFrame:
+def census_partial(shard: str, storage: DeltaStorage, shard_source: ShardSource, cfg: CensusConfig, bias_groups,
+                   fraction: float, groups: pl.DataFrame | None, group_values: list[str] | None, scores_exist: bool,
+                   images_exist: bool) -> tuple[dict[str, pl.DataFrame], dict[str, pl.DataFrame], list[str]]:
+    """One shard's part of the census (a task of its own on Ray): its exact per-shard rows, its share of the
+    uid-hash sample the "all" distributions come from, and warnings."""
+    from curation_assets.core import census
+
+    per: dict[str, pl.DataFrame] = {}
+    drawn: dict[str, pl.DataFrame] = {}
+    warnings: list[str] = []
+    samples = storage.read("samples", shards=[shard])
+    drawn["samples"] = samples.filter(_drawn(samples["uid"], fraction, cfg.seed))
+    per["status_counts"] = _shards_only(census.status_counts(samples))
+    per["distributions"] = _shards_only(census.size_and_caption_stats(samples))
+    per["demographic_words"] = _shards_only(census.demographic_word_frequencies(samples, bias_groups))
+    if scores_exist:
+        scores = storage.scan("safety_scores", [shard]).collect()
+        per["safety_scores"] = _shards_only(census.category_score_summary(scores))
+        drawn["scores"] = scores.filter(_drawn(scores["uid"], fraction, cfg.seed))
+    if groups is not None:
+        per["duplicates"] = _shards_only(census.duplicate_rate(groups, samples))
+    per["face_rows"] = _face_counts(warnings, samples, shard_source, cfg)
+    if images_exist:
+        images = storage.scan("image_attributes", [shard]).collect()
+        faces = storage.scan("face_attributes", [shard]).collect() if storage.exists("face_attributes") else None
+        memberships = _memberships(samples, bias_groups, cfg.group_by, shard_source, group_values)
+        per["apparent_attributes"] = _shards_only(census.attribute_summary(
+            images, faces if faces is not None else _no_faces(), memberships))
+        pick = _drawn(images["uid"], fraction, cfg.seed)
+        drawn["images"] = images.filter(pick)
+        drawn["memberships"] = memberships.join(images.filter(pick).select("uid"), on="uid", how="semi")
+        if faces is not None:
+            drawn["faces"] = faces.join(images.filter(pick).select("uid"), on="uid", how="semi")
+    return per, drawn, warnings
+
+
+def _face_counts(warnings: list[str], samples: pl.DataFrame, shard_source: ShardSource, cfg: CensusConfig
+                 ) -> pl.DataFrame:
     from curation_assets.core import census
 
     schema = {"shard": pl.String, "uid": pl.String, "faces": pl.Int64}
@@ -163,7 +185,7 @@ def _face_counts(context, samples: pl.DataFrame, shard_source: ShardSource, cfg:
         try:
             blobs = shard_source.get(shard).read_images(part["image_member"].to_list())
         except FileNotFoundError:
-            context.log.warning(f"census: shard {shard} tar is gone; no face counts for it")
+            warnings.append(f"census: shard {shard} tar is gone; no face counts for it")
             continue
         members = [m for m in part["image_member"].to_list() if m in blobs]
         counts = census.count_faces([blobs[m] for m in members], detector, cfg.face_max_side)

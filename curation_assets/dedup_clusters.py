@@ -30,6 +30,7 @@ from curation_assets.core.delta import vectors_to_binary
 from curation_assets.core.location import write_atomic
 from curation_assets.partitions import (N_CLUSTERINGS, clustering_partitions, partition_keys, partitioned_asset,
                                         shard_asset)
+from resources.compute import ComputeResource
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 from resources.vector_search import VectorSearch
@@ -222,13 +223,30 @@ def assignment_frame(ids: pl.DataFrame, x: np.ndarray, clustering: str, centroid
     }, schema=ASSIGNMENT_SCHEMA)
 
 
+def assign_shard(shard: str, storage: DeltaStorage, centroids: dict, vector_dtype: str
+                 ) -> tuple[pl.DataFrame, int, str | None]:
+    """The map step for one shard (a task of its own on Ray): its rows of ``cluster_assignments`` in every
+    clustering, its embedding count, and an error when its dimension does not match the centroids."""
+    ids, x = storage.load_embeddings([shard])
+    frames = []
+    for key in ALL_CLUSTERINGS:
+        cents, version = centroids[key]
+        if len(ids) and x.shape[1] != cents.dim:
+            return pl.DataFrame(schema=ASSIGNMENT_SCHEMA), len(ids), (
+                f"shard {shard}: embeddings have dimension {x.shape[1]}, centroids {cents.dim}: refit "
+                "kmeans_centroids on the current embeddings")
+        frames.append(assignment_frame(ids, x, key, cents, version, vector_dtype) if len(ids)
+                      else pl.DataFrame(schema=ASSIGNMENT_SCHEMA))
+    return pl.concat(frames), len(ids), None
+
+
 @shard_asset(
     group_name=GROUP,
     deps=["image_embeddings", dg.AssetDep(CENTROIDS, partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "deltalake"},
 )
 def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage,
-                        settings: CurationSettings) -> dg.MaterializeResult:
+                        settings: CurationSettings, compute: ComputeResource) -> dg.MaterializeResult:
     """Each embedding's bucket and cluster in every clustering, with its vector (long format: uid, shard,
     clustering, bucket, cluster, centroid similarity, centroids version, vector), in a table partitioned by
     clustering and bucket: the map step of the bucketed duplicate search. Per shard, so new shards need no
@@ -238,28 +256,21 @@ def cluster_assignments(context: dg.AssetExecutionContext, storage: DeltaStorage
     table = current_centroids(storage)
     centroids = {r["clustering"]: (_load_centroids(storage, r), r["version"]) for r in table.iter_rows(named=True)}
     total, sims, touched = 0, [], 0
-    for shard in partition_keys(context):
-        ids, x = storage.load_embeddings([shard])
-        frames = []
-        for key in ALL_CLUSTERINGS:
-            cents, version = centroids[key]
-            if len(ids) and x.shape[1] != cents.dim:
-                raise dg.Failure(f"shard {shard}: embeddings have dimension {x.shape[1]}, centroids {cents.dim}: "
-                                 "refit kmeans_centroids on the current embeddings")
-            frame = (assignment_frame(ids, x, key, cents, version, cfg.vector_dtype) if len(ids)
-                     else pl.DataFrame(schema=ASSIGNMENT_SCHEMA))
-            sims.append(frame["centroid_similarity"].to_numpy())
-            frames.append(frame)
-        out = pl.concat(frames)
+    shards = partition_keys(context)
+    for shard, (out, n, error) in zip(shards, compute.map(assign_shard, shards, "cluster_assignments", storage,
+                                                          centroids, cfg.vector_dtype)):
+        if error:
+            raise dg.Failure(error)
+        sims.append(out["centroid_similarity"].to_numpy())
         try:
             storage.write_shard(ASSIGNMENTS, out, shard, partition_by=ASSIGNMENT_PARTITIONS)
         except ValueError as exc:
             raise dg.Failure(str(exc)) from exc
         shard_buckets = out.select("clustering", "bucket").unique().height
         touched += shard_buckets
-        total += len(ids)
-        context.log.info(f"shard {shard}: assigned {len(ids)} embeddings in {N_CLUSTERINGS} clusterings "
-                         f"({shard_buckets} buckets)")
+        total += n
+        context.log.info(f"shard {shard}: assigned {n} embeddings in {N_CLUSTERINGS} clusterings "
+                         f"({shard_buckets} buckets, {compute.describe()})")
     all_sims = np.concatenate(sims) if sims else np.zeros(0)
     return dg.MaterializeResult(metadata={
         **storage.table_metadata(ASSIGNMENTS, "dedup-recall"),

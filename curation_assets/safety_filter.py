@@ -25,6 +25,7 @@ from curation_assets.partitions import partition_keys, shard_asset
 from curation_assets.safety import classifiers_trained, load_classifiers, load_oof
 from curation_assets.safety_labels import (AWAITING, GROUP, LABELS, NEXT_STEP, awaiting_message, awaiting_result,
                                            label_readiness, labels_in_force, safety_config)
+from resources.compute import ComputeResource
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 from curation_assets.core.safety import Category, PRIORS
@@ -158,13 +159,48 @@ def _histograms(frames: dict[str, np.ndarray], thresholds: dict[str, float]) -> 
     return figure_markdown(fig)
 
 
+def score_shard(shard: str, storage: DeltaStorage, bank: ProbeBank, encoder: str | None, held_out: pl.DataFrame,
+                thr: dict[str, float], version: str, categories) -> tuple[list[pl.DataFrame], pl.DataFrame, int, str | None]:
+    """One shard's ``safety_scores`` (a task of its own on Ray): a frame per category, the prior rows, the
+    sample count, and an error when its embeddings come from another encoder than the classifiers'."""
+    ids, X = storage.load_embeddings([shard])
+    encoders = ids["encoder"].unique().to_list()
+    if encoder and encoders and encoders != [encoder]:
+        return [], pl.DataFrame(), len(ids), (f"shard {shard} embeddings come from {encoders}, classifiers {version} "
+                                              f"from {encoder!r}: re-train on the current embeddings")
+    P = bank.predict_proba(X) if len(ids) else np.zeros((0, len(bank.categories)), np.float32)
+    # a held-out score belongs to the picture it was computed on: not to another picture at the same uid
+    same_picture = (held_out.join(storage.read("samples", [shard], columns=["uid", "sha256"]), on="uid")
+                    .filter(pl.col("held_out_sha256").is_null() | (pl.col("held_out_sha256") == pl.col("sha256")))
+                    .select("uid", "category", "cv_score"))
+    frames = []
+    for j, name in enumerate(bank.categories):
+        frame = pl.DataFrame({
+            "uid": ids["uid"], "shard": ids["shard"], "category": pl.Series([name] * len(ids), dtype=pl.String),
+            "score": pl.Series(P[:, j], dtype=pl.Float32),
+        })
+        # a sample the model was trained on is judged by its held-out score: the in-sample score leans
+        # towards its label, and a wrong 'clean' label would otherwise hide a positive from the filter
+        frame = (frame.join(same_picture.filter(pl.col("category") == name).drop("category"), on="uid", how="left")
+                 .with_columns(pl.col("cv_score").is_not_null().alias("held_out"),
+                               pl.coalesce(pl.col("cv_score").cast(pl.Float32), pl.col("score")).alias("score"))
+                 .drop("cv_score"))
+        frames.append(frame.with_columns(
+            pl.lit(thr[name], dtype=pl.Float64).alias("threshold"),
+            (pl.col("score") >= thr[name]).alias("flagged"),
+            pl.lit(version, dtype=pl.String).alias("classifier_version"),
+            pl.lit(CLASSIFIER).alias("scorer"),
+        ).select(list(SCORES_SCHEMA)).cast(SCORES_SCHEMA))
+    return frames, prior_scores(storage, shard, categories), len(ids), None
+
+
 @shard_asset(
     group_name=GROUP,
     deps=["image_embeddings", "safety_classifiers", "safety_thresholds"],
     kinds={"numpy", "delta"},
 )
 def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
-                  settings: CurationSettings) -> dg.MaterializeResult:
+                  settings: CurationSettings, compute: ComputeResource) -> dg.MaterializeResult:
     """Calibrated score of every embedded sample for every category, with the threshold it was judged by and
     whether it is flagged (score >= threshold). Long format: one row per (uid, category). The classifier
     version is the one the thresholds were chosen for; it is loaded once per step. Samples the classifier was
@@ -189,41 +225,18 @@ def safety_scores(context: dg.AssetExecutionContext, storage: DeltaStorage,
         raise dg.Failure(f"no thresholds for {missing}: re-materialise safety_thresholds")
     all_scores = {c: [] for c in bank.categories}
     total = priors = 0
-    for shard in partition_keys(context):
-        ids, X = storage.load_embeddings([shard])
-        encoders = ids["encoder"].unique().to_list()
-        if manifest.get("encoder") and encoders and encoders != [manifest["encoder"]]:
-            raise dg.Failure(f"shard {shard} embeddings come from {encoders}, classifiers {version} from "
-                             f"{manifest['encoder']!r}: re-train on the current embeddings")
-        P = bank.predict_proba(X) if len(ids) else np.zeros((0, len(bank.categories)), np.float32)
-        # a held-out score belongs to the picture it was computed on: not to another picture at the same uid
-        same_picture = (held_out.join(storage.read("samples", [shard], columns=["uid", "sha256"]), on="uid")
-                        .filter(pl.col("held_out_sha256").is_null() | (pl.col("held_out_sha256") == pl.col("sha256")))
-                        .select("uid", "category", "cv_score"))
-        frames = []
-        for j, name in enumerate(bank.categories):
-            frame = pl.DataFrame({
-                "uid": ids["uid"], "shard": ids["shard"], "category": pl.Series([name] * len(ids), dtype=pl.String),
-                "score": pl.Series(P[:, j], dtype=pl.Float32),
-            })
-            # a sample the model was trained on is judged by its held-out score: the in-sample score leans
-            # towards its label, and a wrong 'clean' label would otherwise hide a positive from the filter
-            frame = (frame.join(same_picture.filter(pl.col("category") == name).drop("category"), on="uid", how="left")
-                     .with_columns(pl.col("cv_score").is_not_null().alias("held_out"),
-                                   pl.coalesce(pl.col("cv_score").cast(pl.Float32), pl.col("score")).alias("score"))
-                     .drop("cv_score"))
-            frames.append(frame.with_columns(
-                pl.lit(thr[name], dtype=pl.Float64).alias("threshold"),
-                (pl.col("score") >= thr[name]).alias("flagged"),
-                pl.lit(version, dtype=pl.String).alias("classifier_version"),
-                pl.lit(CLASSIFIER).alias("scorer"),
-            ).select(list(SCORES_SCHEMA)).cast(SCORES_SCHEMA))
-            all_scores[name].append(frames[-1]["score"].to_numpy())
-        prior = prior_scores(storage, shard, cfg.categories)
+    shards = partition_keys(context)
+    scored = compute.map(score_shard, shards, "safety_scores", storage, bank, manifest.get("encoder"), held_out, thr,
+                         version, cfg.categories)
+    for shard, (frames, prior, n, error) in zip(shards, scored):
+        if error:
+            raise dg.Failure(error)
+        for name, frame in zip(bank.categories, frames):
+            all_scores[name].append(frame["score"].to_numpy())
         priors += prior.height
         storage.write_shard("safety_scores", pl.concat([*frames, prior]), shard)
-        total += len(ids)
-        context.log.info(f"shard {shard}: scored {len(ids)} samples")
+        total += n
+        context.log.info(f"shard {shard}: scored {n} samples ({compute.describe()})")
     merged = {c: np.concatenate(v) if v else np.zeros(0) for c, v in all_scores.items()}
     rates = {c: float(np.mean(s >= thr[c])) if len(s) else 0.0 for c, s in merged.items()}
     return dg.MaterializeResult(metadata={

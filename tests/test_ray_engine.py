@@ -1,6 +1,6 @@
-"""Ray as the engine: with CURATION_RAY_ADDRESS set, per-shard ingest, embedding (model actors), the dedup
-buckets and pixel verification run as tasks on a real local Ray cluster, and every table equals the
-in-process run's."""
+"""Ray as the engine: with CURATION_RAY_ADDRESS set, per-shard ingest, embedding (model actors), cluster
+assignment and census parts, the dedup buckets and pixel verification run as tasks on a real local Ray
+cluster, and every table equals the in-process run's."""
 
 import numpy as np
 import polars as pl
@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from tests.conftest import demo_shards
 from tests.services import ray_cluster
 
+STAGES = ("samples", "image_embeddings", "cluster_assignments", "duplicate_pairs", "verify_pairs", "dataset_census")
 COMPARED = {
     "samples": ["uid"],
     "image_embeddings": ["uid"],
@@ -18,6 +19,7 @@ COMPARED = {
     "dedup_groups": ["uid"],
     "training_set": ["uid"],
     "demographic_ratios": ["shard", "stage", "kind", "group"],
+    "dataset_census": ["shard"],
 }
 
 
@@ -65,18 +67,17 @@ def test_the_ray_path_writes_the_same_tables_and_runs_its_work_on_the_cluster(tm
         try:
             _run(shards, tmp_path / "on_ray", monkeypatch, address)
             assert ray.is_initialized()
-            tasks = list_tasks(address=dashboard, filters=[("name", "=", "curation:samples")], limit=100)
-            tasks += list_tasks(address=dashboard, filters=[("name", "=", "curation:image_embeddings")], limit=100)
-            tasks += list_tasks(address=dashboard, filters=[("name", "=", "curation:duplicate_pairs")], limit=1000)
-            tasks += list_tasks(address=dashboard, filters=[("name", "=", "curation:verify_pairs")], limit=100)
             done = {}
-            for task in tasks:
-                if task.state == "FINISHED":
-                    done[task.name] = done.get(task.name, 0) + 1
+            for stage in STAGES:
+                for task in list_tasks(address=dashboard, filters=[("name", "=", f"curation:{stage}")], limit=1000):
+                    if task.state == "FINISHED":
+                        done[task.name] = done.get(task.name, 0) + 1
         finally:
             ray.shutdown()
-    # every shard's ingest and embedding, every bucket search and the verification ran as cluster tasks
-    assert done.get("curation:samples") == 3 and done.get("curation:image_embeddings") == 3, done
+    # every shard's ingest, embedding, assignment and census part, every bucket search and the verification
+    # ran as cluster tasks
+    for stage in ("samples", "image_embeddings", "cluster_assignments", "dataset_census"):
+        assert done.get(f"curation:{stage}") == 3, (stage, done)
     assert done.get("curation:duplicate_pairs", 0) >= 5 and done.get("curation:verify_pairs", 0) >= 1, done
     for table, keys in COMPARED.items():
         _assert_equal(_frame(tmp_path / "local", table, keys), _frame(tmp_path / "on_ray", table, keys), table)
