@@ -35,8 +35,12 @@ def as_path(path: Any) -> AnyPath:
     if is_uri(text):
         from upath import UPath
 
-        # no listing cache: shards are replaced under the same name, and a stale cached ETag fails the read
-        options = {"use_listings_cache": False} if text.startswith(("s3://", "s3a://")) else {}
+        options = {}
+        if text.startswith(("s3://", "s3a://")):
+            # no listing cache: shards are replaced under the same name, and a stale cached ETag fails the read;
+            # the endpoint is part of the filesystem's identity, so a changed AWS_ENDPOINT_URL is never ignored
+            options = {"use_listings_cache": False,
+                       "client_kwargs": {"endpoint_url": os.environ.get("AWS_ENDPOINT_URL") or None}}
         return UPath(text.rstrip("/"), **options)
     return Path(text.removeprefix("file://")).expanduser().resolve()
 
