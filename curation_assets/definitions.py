@@ -28,7 +28,7 @@ from curation_assets import (bias, bias_drift, bias_weights, clip_bias_audit, da
 from curation_assets.automation import with_automation
 from curation_assets.config import validate_settings, with_settings_versions
 from resources.alerts import alert_sink_from_env
-from resources.compute import ComputeResource, ray_address_from_env
+from resources.compute import compute_from_env
 from resources.encoders import EncoderResource
 from resources.settings import CurationSettings
 from resources.shard_source import ShardSource
@@ -86,7 +86,7 @@ def build_resources(
         "encoder": encoder,
         "vector_search": VectorSearch(),
         "alerts": alert_sink_from_env(),
-        "compute": ComputeResource(ray_address=ray_address_from_env()),
+        "compute": compute_from_env(),
     }
 
 

@@ -86,7 +86,8 @@ def image_embeddings(
             context.log.warning(f"{exc}; its embeddings stay as they were")
             continue
         jobs.append((shard, ref, member_uid))
-    pool = compute.pool(ShardEncoder, (encoder, batch), "image_embeddings", len(jobs))
+    pool = compute.pool(ShardEncoder, (encoder, batch), "image_embeddings", len(jobs),
+                        wants_gpu=encoder.kind == "open_clip" and encoder.device != "cpu")
     name, dim = "", 0
     try:
         for (shard, _, member_uid), (uids, vectors, name) in zip(jobs, pool.map("encode", jobs)):

@@ -26,12 +26,14 @@ _FORWARDED_ENV = ("CURATION_ROOT", "CURATION_SHARDS", "CURATION_CONFIG", "CURATI
 class ComputeResource(dg.ConfigurableResource):
     """``ray_address`` None: everything runs in the step's process. Set (``ray://host:10001``, ``host:6379`` or
     ``auto``): per-shard work, dedup buckets and model inference run as Ray tasks and actors; each task is
-    named ``curation:<stage>`` so the Ray dashboard shows what ran where. ``gpus_per_actor`` > 0 makes model
-    actors ask Ray for GPUs; ``actors`` caps how many model actors a step starts (default: one per shard, at
-    most 4)."""
+    named ``curation:<stage>`` so the Ray dashboard shows what ran where. ``gpus_per_actor`` is what each model
+    actor asks Ray for; None (the default) means one GPU when the model can use one and the cluster has
+    GPUs, else none. ``actors`` caps how many model actors a step starts (default: one per shard, at most
+    4)."""
 
     ray_address: Optional[str] = Field(default=None, description="Ray cluster address; None runs in-process")
-    gpus_per_actor: float = Field(default=0.0, description="GPUs each model actor asks Ray for")
+    gpus_per_actor: Optional[float] = Field(default=None, description="GPUs each model actor asks Ray for "
+                                                                      "(None: 1 for a GPU model on a GPU cluster)")
     cpus_per_task: float = Field(default=1.0, description="CPUs each per-shard or per-bucket task asks Ray for")
     actors: int = Field(default=4, description="most model actors one step starts")
 
@@ -70,17 +72,25 @@ class ComputeResource(dg.ConfigurableResource):
             yield ray.get(pending[i])
             pending[i] = None
 
-    def pool(self, factory: type, init: Sequence[Any], stage: str, n_items: int) -> "ModelPool":
+    def actor_gpus(self, wants_gpu: bool, cluster_gpus: float) -> float:
+        """The GPUs one model actor asks for: ``gpus_per_actor`` when set, else 1 for a model that can use a
+        GPU on a cluster that has one, else 0."""
+        if self.gpus_per_actor is not None:
+            return float(self.gpus_per_actor)
+        return 1.0 if wants_gpu and cluster_gpus >= 1 else 0.0
+
+    def pool(self, factory: type, init: Sequence[Any], stage: str, n_items: int, wants_gpu: bool = False
+             ) -> "ModelPool":
         """Workers built as ``factory(*init)`` (a class that loads a model in ``__init__``): one in this
         process, or up to ``actors`` Ray actors (one per item at most, no more than the cluster can place at
-        once), each with ``gpus_per_actor`` GPUs."""
+        once), each with :meth:`actor_gpus` GPUs."""
         if not self.on_ray:
             return ModelPool([factory(*init)], None, stage)
         ray = self._ray()
-        actor_cls = ray.remote(_Actor).options(num_gpus=self.gpus_per_actor, num_cpus=self.cpus_per_task)
         have = ray.cluster_resources()
-        fit = (have.get("GPU", 0) // self.gpus_per_actor if self.gpus_per_actor > 0
-               else have.get("CPU", 1) // max(self.cpus_per_task, 1e-3))
+        gpus = self.actor_gpus(wants_gpu, have.get("GPU", 0))
+        actor_cls = ray.remote(_Actor).options(num_gpus=gpus, num_cpus=self.cpus_per_task)
+        fit = (have.get("GPU", 0) // gpus if gpus > 0 else have.get("CPU", 1) // max(self.cpus_per_task, 1e-3))
         n = max(1, min(self.actors, n_items, int(fit)))  # every actor must be placeable, or its items wait forever
         init = [_Portable.of(a) for a in init]
         return ModelPool([actor_cls.remote(factory, *init) for _ in range(n)], ray, stage)
@@ -149,7 +159,14 @@ class _Actor:
         return getattr(self.worker, method)(item)
 
 
-def ray_address_from_env() -> Optional[str]:
-    """``CURATION_RAY_ADDRESS`` (falls back to nothing: a ``RAY_ADDRESS`` set for other tools does not move
-    this pipeline onto a cluster by itself)."""
-    return os.environ.get("CURATION_RAY_ADDRESS") or None
+def compute_from_env() -> ComputeResource:
+    """``CURATION_RAY_ADDRESS`` (a ``RAY_ADDRESS`` set for other tools does not move this pipeline onto a
+    cluster by itself) and ``CURATION_RAY_GPUS_PER_ACTOR`` (unset: automatic, see ``gpus_per_actor``)."""
+    gpus = os.environ.get("CURATION_RAY_GPUS_PER_ACTOR")
+    try:
+        gpus_per_actor = float(gpus) if gpus else None
+    except ValueError:
+        raise ValueError(f"CURATION_RAY_GPUS_PER_ACTOR must be a number of GPUs, got {gpus!r}") from None
+    if gpus_per_actor is not None and gpus_per_actor < 0:
+        raise ValueError(f"CURATION_RAY_GPUS_PER_ACTOR must not be negative, got {gpus!r}")
+    return ComputeResource(ray_address=os.environ.get("CURATION_RAY_ADDRESS") or None, gpus_per_actor=gpus_per_actor)

@@ -81,3 +81,32 @@ def test_the_ray_path_writes_the_same_tables_and_runs_its_work_on_the_cluster(tm
     assert done.get("curation:duplicate_pairs", 0) >= 5 and done.get("curation:verify_pairs", 0) >= 1, done
     for table, keys in COMPARED.items():
         _assert_equal(_frame(tmp_path / "local", table, keys), _frame(tmp_path / "on_ray", table, keys), table)
+
+
+class _Counting:
+    loads = 0
+
+    def __init__(self, offset: int):
+        type(self).loads += 1
+        self.offset = offset
+
+    def add(self, item: int) -> int:
+        return item + self.offset
+
+
+def test_without_an_address_work_runs_in_process_and_the_model_loads_once(monkeypatch):
+    from resources.compute import ComputeResource, compute_from_env
+
+    compute = ComputeResource()
+    assert not compute.on_ray and list(compute.map(pow, [1, 2, 3], "test", 2)) == [1, 4, 9]
+    pool = compute.pool(_Counting, (10,), "test", 3)
+    assert list(pool.map("add", [1, 2, 3])) == [11, 12, 13] and _Counting.loads == 1
+    # model actors ask for a GPU only when the model can use one and the cluster has one, unless told
+    assert compute.actor_gpus(True, 8) == 1.0 and compute.actor_gpus(True, 0) == 0.0 and compute.actor_gpus(False, 8) == 0.0
+    assert ComputeResource(gpus_per_actor=0.5).actor_gpus(False, 0) == 0.5
+    monkeypatch.setenv("CURATION_RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("CURATION_RAY_GPUS_PER_ACTOR", "2")
+    assert compute_from_env().ray_address == "127.0.0.1:6379" and compute_from_env().gpus_per_actor == 2.0
+    monkeypatch.setenv("CURATION_RAY_GPUS_PER_ACTOR", "many")
+    with pytest.raises(ValueError, match="CURATION_RAY_GPUS_PER_ACTOR"):
+        compute_from_env()
