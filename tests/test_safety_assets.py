@@ -18,6 +18,7 @@ from curation_assets import safety_filter, safety_labels
 from curation_assets.core.delta import embeddings_frame
 from curation_assets.demo.safety import AnnotatorSettings, SimulatedAnnotator, seed_labels
 from curation_assets.partitions import shard_partitions
+from resources.compute import ComputeResource
 from resources.settings import CurationSettings
 from resources.storage import DeltaStorage
 
@@ -82,7 +83,8 @@ class Env:
 
     def run(self, assets, partition_key=None, checks=(), raise_on_error=True):
         return dg.materialize([*UPSTREAM, *GLOBAL, *PER_SHARD_ASSETS, *checks], instance=self.instance,
-                              resources={"storage": self.storage, "settings": self.settings},
+                              resources={"storage": self.storage, "settings": self.settings,
+                                         "compute": ComputeResource()},
                               selection=assets, partition_key=partition_key, raise_on_error=raise_on_error)
 
     def seed(self, n_pos: int, n_neg: int):
