@@ -6,9 +6,9 @@ CONSTRAINTS ?= constraints.txt
 EXTRAS ?= dev,bench
 ROOT ?= data/demo
 ABSROOT := $(abspath $(ROOT))
-# one test file per worker, as many workers as cores: the daemon and service tests mostly wait, so they
+# as many workers as cores, idle ones stealing tests: the daemon and service tests mostly wait, so they
 # overlap with the CPU-bound ones
-PYTEST_ARGS ?= -n auto --dist loadfile
+PYTEST_ARGS ?= -n auto --dist worksteal
 
 .PHONY: venv demo test ui bench clean
 
