@@ -3,6 +3,7 @@
 re-run of one shard replacing exactly it, and two shards written concurrently both landing."""
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -79,8 +80,9 @@ def test_the_pipeline_runs_on_s3_shards_and_an_s3_root(tmp_path, monkeypatch):
         assert after.filter(pl.col("shard") == "00000").sort("uid").equals(before)
 
         # two writers of two shards of one table at once: both commits land (delta-rs conditional puts)
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            written = pool.map(_write_one_shard, [(root, "a"), (root, "b")])
+        # graceful shutdown: Pool.__exit__ terminates its workers, and one that ignores SIGTERM hangs the join
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            written = list(pool.map(_write_one_shard, [(root, "a"), (root, "b")]))
         assert written == [50, 50]
         both = pl.read_delta(f"{root}/delta/concurrent")
         assert both.group_by("shard").len().sort("shard").rows() == [("a", 50), ("b", 50)]

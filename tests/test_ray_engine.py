@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from tests.conftest import demo_shards
 from tests.services import ray_cluster
 
-STAGES = ("samples", "image_embeddings", "cluster_assignments", "duplicate_pairs", "verify_pairs", "dataset_census")
+STAGES = ("samples", "image_embeddings", "image_attributes", "cluster_assignments", "duplicate_pairs", "verify_pairs",
+          "dataset_census")
 COMPARED = {
     "samples": ["uid"],
     "image_embeddings": ["uid"],
@@ -20,6 +21,8 @@ COMPARED = {
     "training_set": ["uid"],
     "demographic_ratios": ["shard", "stage", "kind", "group"],
     "dataset_census": ["shard"],
+    "image_attributes": ["uid"],
+    "face_attributes": ["uid", "face"],
 }
 
 
@@ -76,7 +79,7 @@ def test_the_ray_path_writes_the_same_tables_and_runs_its_work_on_the_cluster(tm
             ray.shutdown()
     # every shard's ingest, embedding, assignment and census part, every bucket search and the verification
     # ran as cluster tasks
-    for stage in ("samples", "image_embeddings", "cluster_assignments", "dataset_census"):
+    for stage in ("samples", "image_embeddings", "image_attributes", "cluster_assignments", "dataset_census"):
         assert done.get(f"curation:{stage}") == 3, (stage, done)
     assert done.get("curation:duplicate_pairs", 0) >= 5 and done.get("curation:verify_pairs", 0) >= 1, done
     for table, keys in COMPARED.items():
