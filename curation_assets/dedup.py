@@ -75,9 +75,7 @@ def _verify_chunks(todo: pl.DataFrame, compute: ComputeResource) -> list[pl.Data
         return []
     if not compute.on_ray:
         return [todo]
-    import ray
-
-    pieces = max(1, min(todo.height // 50, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    pieces = max(1, min(todo.height // 50, 4 * compute.parallelism()))
     ordered = todo.sort("uid_a")
     size = -(-ordered.height // pieces)
     return [ordered.slice(i, size) for i in range(0, ordered.height, size)]

@@ -41,6 +41,12 @@ class ComputeResource(dg.ConfigurableResource):
     def on_ray(self) -> bool:
         return bool(self.ray_address)
 
+    def parallelism(self) -> int:
+        """How many tasks can run at once: 1 in-process, the cluster's CPUs (per task) on Ray."""
+        if not self.on_ray:
+            return 1
+        return max(1, int(self._ray().cluster_resources().get("CPU", 1) // max(self.cpus_per_task, 1e-3)))
+
     def describe(self) -> str:
         return f"ray ({self.ray_address})" if self.on_ray else "in-process"
 
@@ -64,7 +70,7 @@ class ComputeResource(dg.ConfigurableResource):
         ray = self._ray()
         remote = ray.remote(_invoke).options(name=f"curation:{stage}", num_cpus=self.cpus_per_task, max_retries=2)
         shared = [ray.put(_Portable.of(a)) for a in args]
-        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        window = max(2, 2 * self.parallelism())
         pending = [remote.remote(fn, item, *shared) for item in items[:window]]
         for i in range(len(items)):
             if i + window < len(items):

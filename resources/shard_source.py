@@ -65,27 +65,29 @@ class ShardRef:
             stamps.append(f"{size}:{mtime}")
         return stamps[0] if not self.parts else ";".join(f"{r.key}={x}" for r, x in zip(self.parts, stamps))
 
+    def _part(self, member: str) -> tuple[Optional["ShardRef"], str]:
+        """The single tar holding an image member (as stored in ``samples.image_member``) and its name
+        there; None when the group has no such tar."""
+        if not self.parts:
+            return self, member
+        key, _, inner = member.partition("/")
+        return next((ref for ref in self.parts if ref.key == key), None), inner
+
     def _split(self, members: Iterable[str]) -> dict["ShardRef", dict[str, str]]:
         """``{tar: {member inside the tar: member as stored}}``."""
-        if not self.parts:
-            return {self: {m: m for m in members}}
-        by_key = {ref.key: ref for ref in self.parts}
         out: dict[ShardRef, dict[str, str]] = {}
         for member in members:
-            key, _, inner = member.partition("/")
-            if key in by_key:
-                out.setdefault(by_key[key], {})[inner] = member
+            ref, inner = self._part(member)
+            if ref is not None:
+                out.setdefault(ref, {})[inner] = member
         return out
 
     def locate(self, member: str) -> tuple[Path, str]:
         """The tar file that holds an image member (as stored in ``samples.image_member``) and its name there."""
-        if not self.parts:
-            return self.tar, member
-        key, _, inner = member.partition("/")
-        for ref in self.parts:
-            if ref.key == key:
-                return ref.tar, inner
-        raise FileNotFoundError(f"shard {self.key}: no tar {key!r} in the group for member {member!r}")
+        ref, inner = self._part(member)
+        if ref is None:
+            raise FileNotFoundError(f"shard {self.key}: no tar for member {member!r} in the group")
+        return ref.tar, inner
 
     def read_images(self, members: Iterable[str]) -> dict[str, bytes]:
         """The bytes of the named image members (as stored in ``samples.image_member``), one pass per tar."""
