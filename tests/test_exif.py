@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from curation_assets.core.shards import IngestLimits, _decode, read_images
+from curation_assets.core.shards import IngestLimits, _validate, decode_rgb, read_images
 
 
 def sideways_copy(data: bytes) -> bytes:
@@ -29,8 +29,10 @@ def test_ingest_records_the_displayed_size():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 100, 3), dtype=np.uint8))
     buf = io.BytesIO()
     img.save(buf, "JPEG")
-    rgb, facts = _decode(sideways_copy(buf.getvalue()), IngestLimits())
-    assert (facts["width"], facts["height"]) == (100, 60) and rgb.size == (100, 60)
+    data = sideways_copy(buf.getvalue())
+    facts = _validate(data, IngestLimits())
+    assert "error" not in facts and (facts["width"], facts["height"]) == (100, 60)
+    assert decode_rgb(data).size == (100, 60)
 
 
 def test_sideways_copy_embeds_next_to_its_upright_twin(demo_corpus):

@@ -120,12 +120,13 @@ def iter_members(tar_path: Path) -> Iterator[tuple[tarfile.TarInfo | None, bytes
             yield info, data, None
 
 
-def _decode(data: bytes, limits: IngestLimits) -> tuple[Image.Image | None, dict]:
-    """Decode and validate one image; returns (RGB image or None, facts with ``error`` on failure)."""
+def _validate(data: bytes, limits: IngestLimits) -> dict:
+    """Decode one image as far as validation needs (to RGB, upright; JPEGs at a reduced DCT scale) and return
+    its facts, with ``error`` when it is rejected."""
     facts: dict = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if not data:
         facts["error"] = "empty file (0 bytes)"
-        return None, facts
+        return facts
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -139,20 +140,23 @@ def _decode(data: bytes, limits: IngestLimits) -> tuple[Image.Image | None, dict
             facts.update(width=width, height=height, mode=img.mode, format=fmt)
             if img.format not in limits.allowed_formats:
                 facts["error"] = f"unsupported image format {img.format}"
-                return None, facts
+                return facts
             if img.width * img.height > limits.max_pixels:
                 facts["error"] = (f"decompression bomb: {img.width}x{img.height} = {img.width * img.height} pixels "
                                   f"exceeds max_pixels={limits.max_pixels}")
-                return None, facts
+                return facts
             if min(img.width, img.height) < limits.min_side:
                 facts["error"] = f"image too small: {img.width}x{img.height} (min_side={limits.min_side})"
-                return None, facts
+                return facts
+            if fmt == "JPEG":  # every scan is still entropy-decoded (truncation is caught), at 1/8 the side
+                img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-            return to_rgb(upright(img)), facts
+            to_rgb(upright(img))
+            return facts
     except Exception as exc:  # PIL raises many types for bad bytes; every one becomes a recorded rejection
         kind = "not an image" if "cannot identify" in str(exc) else "corrupt or truncated image"
         facts["error"] = f"{kind}: {exc}"
-        return None, facts
+        return facts
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
@@ -338,7 +342,7 @@ def _group_rows(shard: str, g: _Group, parquet_caption: str | None, parquet_url:
             row["error"] = f"duplicate key {g.key!r}: {member!r} repeats an image already read for this key"
             row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         else:
-            _, facts = _decode(data, limits)
+            facts = _validate(data, limits)
             row.update({k: v for k, v in facts.items() if k != "error"})
             if "error" in facts:
                 row["error"] = facts["error"]
