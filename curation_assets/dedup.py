@@ -13,6 +13,7 @@ The algorithms are in ``core/dedup.py`` and ``core/pixel_verify.py``.
 """
 
 
+import dataclasses
 import time
 
 import dagster as dg
@@ -81,27 +82,42 @@ def _verify_chunks(todo: pl.DataFrame, compute: ComputeResource) -> list[pl.Data
     return [ordered.slice(i, size) for i in range(0, ordered.height, size)]
 
 
+def _thumbnails(storage: DeltaStorage, shard_source: ShardSource, uids: list[str]) -> tuple[dict[str, bytes | None], int]:
+    """Each uid's verification thumbnail from ``image_embeddings``; for uids embedded without one (an older
+    release, or verification turned on later) the image is read back from its tar and the thumbnail made
+    now. Returns the thumbnails and how many images had to be read from tars."""
+    want = pl.Series("uid", uids, dtype=pl.String).implode()
+    thumbs: dict[str, bytes | None] = {}
+    if "thumbnail" in storage.scan("image_embeddings").collect_schema().names():
+        found = (storage.scan("image_embeddings").filter(pl.col("uid").is_in(want) & pl.col("thumbnail").is_not_null())
+                 .select("uid", "thumbnail").collect())
+        thumbs = dict(found.iter_rows())
+    missing = [u for u in uids if u not in thumbs]
+    if missing:
+        thumbs.update({uid: verify_core.thumbnail_of(blob)
+                       for uid, blob in _candidate_bytes(storage, shard_source, missing).items()})
+    return thumbs, len(missing)
+
+
 def _verify_chunk(pairs: pl.DataFrame, storage: DeltaStorage, shard_source: ShardSource, cfg: VerifySettings
-                  ) -> tuple[pl.DataFrame, float, int]:
-    """Read both images of every pair and verify them (a task of its own on Ray): the verdicts, the seconds
-    spent reading tars and how many images could not be read."""
+                  ) -> tuple[pl.DataFrame, float, int, int]:
+    """Verify a piece of the candidate pairs from the thumbnails stored beside the embeddings (a task of its
+    own on Ray): the verdicts, the seconds spent fetching thumbnails, how many images have none (they are
+    never verified) and how many had to be read from tars instead."""
     started = time.perf_counter()
-    uids = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().to_list()
-    blobs = _candidate_bytes(storage, shard_source, uids)
+    uids = pl.concat([pairs["uid_a"], pairs["uid_b"]]).unique().sort().to_list()
+    thumbs, from_tars = _thumbnails(storage, shard_source, uids)
     read_seconds = time.perf_counter() - started
-    return verify_candidates(pairs, blobs, cfg), read_seconds, len(uids) - len(blobs)
+    unreadable = sum(1 for u in uids if thumbs.get(u) is None)
+    return verify_candidates(pairs, thumbs, cfg), read_seconds, unreadable, from_tars
 
 
-def verify_candidates(pairs: pl.DataFrame, blobs: dict[str, bytes], cfg: VerifySettings) -> pl.DataFrame:
+def verify_candidates(pairs: pl.DataFrame, thumbnails: dict[str, bytes | None], cfg: VerifySettings) -> pl.DataFrame:
     """Stage 2: fill ``verification`` (structure score), ``colour_residual`` and ``verified`` for every
-    candidate pair from the two images' pixels; a pair whose image cannot be read back is not verified."""
-    todo = [(blobs.get(a), blobs.get(b)) for a, b in pairs.select("uid_a", "uid_b").iter_rows()]
-    readable = [i for i, (a, b) in enumerate(todo) if a is not None and b is not None]
-    results = verify_core.verify_pairs([todo[i] for i in readable], cfg)
-    structure = np.full(pairs.height, -1.0, np.float32)
-    colour = np.full(pairs.height, 255.0, np.float32)
-    for i, r in zip(readable, results):
-        structure[i], colour[i] = r.structure, r.colour_residual
+    candidate pair from the two images' thumbnails; a pair with an image that has none is not verified."""
+    results = verify_core.verify_thumbnails(list(pairs.select("uid_a", "uid_b").iter_rows()), thumbnails, cfg)
+    structure = np.array([r.structure for r in results], np.float32).reshape(-1)
+    colour = np.array([r.colour_residual for r in results], np.float32).reshape(-1)
     return pairs.with_columns(
         verification=pl.Series(structure, dtype=pl.Float32), colour_residual=pl.Series(colour, dtype=pl.Float32),
         verified=pl.Series((structure >= cfg.structure_threshold) & (colour <= cfg.colour_threshold), dtype=pl.Boolean))
@@ -319,9 +335,11 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
     whose shards changed since its last search is not searched again (``bucket_pairs``, ``bucket_state``).
     The pairs are unioned over the clusterings: each once (uid_a < uid_b) with its similarity and the
     clusterings that found it.
-    Stage 2 (``verify``, on by default for perceptual encoders): both images of every candidate are read back
-    from the tars and compared on pixels (:mod:`curation_assets.core.pixel_verify`); ``verification`` and
-    ``colour_residual`` hold the scores and ``verified`` the verdict. Only verified pairs form groups; with
+    Stage 2 (``verify``, on by default for perceptual encoders): both images of every candidate are compared
+    on pixels (:mod:`curation_assets.core.pixel_verify`) through the thumbnails ``image_embeddings`` stored
+    beside their vectors, so no tar is read (an image embedded without one is read from its tar instead, and
+    ``images_read_from_tars`` counts them); ``verification`` and ``colour_residual`` hold the scores and
+    ``verified`` the verdict. Only verified pairs form groups; with
     verification off every candidate counts as verified (scores null)."""
     cfg = dedup_settings(settings)
     started = time.perf_counter()
@@ -359,10 +377,13 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         pairs = reusable_verdicts(storage, pairs, vcfg.version())
         todo = pairs.filter(pl.col("verification").is_null())
         t = time.perf_counter()
+        # on Ray each piece is a task on one CPU; in this process the pieces' blocks go to vcfg.workers processes
+        task_cfg = dataclasses.replace(vcfg, workers=1) if compute.on_ray else vcfg
         done = list(compute.map(_verify_chunk, _verify_chunks(todo.drop(VERDICT), compute), "verify_pairs",
-                                storage, shard_source, vcfg))
+                                storage, shard_source, task_cfg))
         fresh = pl.concat([d[0] for d in done]) if done else todo
         read_seconds, unreadable = sum((d[1] for d in done), 0.0), sum(d[2] for d in done)
+        from_tars = sum(d[3] for d in done)
         verify_seconds = time.perf_counter() - t - (read_seconds if not compute.on_ray else 0.0)
         pairs = (pl.concat([pairs.filter(pl.col("verification").is_not_null()), fresh.select(pairs.columns)])
                  .with_columns(pl.lit(vcfg.version()).alias("verify_version")).sort(["uid_a", "uid_b"]))
@@ -372,10 +393,10 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         verify_meta = {
             "verification": "on", "verified_pairs": n_ok, "rejected_pairs": pairs.height - n_ok,
             "pairs_verified_now": todo.height, "verdicts_reused": pairs.height - todo.height,
-            "unreadable_images": unreadable,
+            "unreadable_images": unreadable, "images_read_from_tars": from_tars,
             "structure_threshold": dg.MetadataValue.float(vcfg.structure_threshold),
             "colour_threshold": dg.MetadataValue.float(vcfg.colour_threshold),
-            "image_read_seconds": dg.MetadataValue.float(read_seconds),
+            "thumbnail_read_seconds": dg.MetadataValue.float(read_seconds),
             "verify_seconds": dg.MetadataValue.float(verify_seconds),
             "pairs_verified_per_second": dg.MetadataValue.float(todo.height / max(verify_seconds, 1e-9)),
         }

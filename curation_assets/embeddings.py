@@ -9,6 +9,8 @@ import numpy as np
 import polars as pl
 
 from curation_assets.core import delta
+from curation_assets.core.perceptual import PerceptualEncoder
+from curation_assets.core.pixel_verify import VerifySettings, thumbnail_of
 from curation_assets.core.validation import ConfigError, check_fields
 from curation_assets.partitions import partition_keys, shard_asset
 from resources.compute import ComputeResource
@@ -34,22 +36,36 @@ class EmbeddingSettings:
 
 
 class ShardEncoder:
-    """The encoder loaded once (in the step's process, or in a Ray actor), embedding whole shards."""
+    """The encoder loaded once (in the step's process, or in a Ray actor), embedding whole shards, and making
+    each image's verification thumbnail from the same decode when dedup verifies this encoder's pairs
+    (``verify`` is ``dedup.verify.enabled``: true, false or None for auto)."""
 
-    def __init__(self, encoder: EncoderResource, batch: int):
+    def __init__(self, encoder: EncoderResource, batch: int, verify: bool | None = None):
         self.model = encoder.load()
         self.batch = batch
+        self.thumbnails = VerifySettings(enabled=verify).active(self.model.name)
 
-    def encode(self, job: tuple) -> tuple[list[str], np.ndarray, str]:
-        """``(shard, ref, {image member: uid})`` -> the uids found, their vectors and the encoder's name."""
+    def encode(self, job: tuple) -> tuple[list[str], np.ndarray, str, list[bytes | None] | None]:
+        """``(shard, ref, {image member: uid})`` -> the uids found, their vectors, the encoder's name and the
+        thumbnails (None when not made)."""
         _, ref, member_uid = job
         uids: list[str] = []
         blocks: list[np.ndarray] = []
+        thumbs: list[bytes | None] = []
         for chunk in ref.iter_image_batches(member_uid, self.batch * 4) if member_uid else ():
-            blocks.append(self.model.encode_bytes([data for _, data in chunk]))
+            blobs = [data for _, data in chunk]
+            if not self.thumbnails:
+                blocks.append(self.model.encode_bytes(blobs))
+            elif isinstance(self.model, PerceptualEncoder):
+                vectors, made = self.model.encode_bytes(blobs, thumbnails=True)
+                blocks.append(vectors)
+                thumbs.extend(made)
+            else:  # another encoder decodes in its own way: the thumbnail takes a decode of its own
+                blocks.append(self.model.encode_bytes(blobs))
+                thumbs.extend(thumbnail_of(b) for b in blobs)
             uids.extend(member_uid[name] for name, _ in chunk)
         vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.model.dim), np.float32)
-        return uids, vectors, self.model.name
+        return uids, vectors, self.model.name, (thumbs if self.thumbnails else None)
 
 
 @shard_asset(
@@ -86,17 +102,22 @@ def image_embeddings(
             context.log.warning(f"{exc}; its embeddings stay as they were")
             continue
         jobs.append((shard, ref, member_uid))
-    pool = compute.pool(ShardEncoder, (encoder, batch), "image_embeddings", len(jobs),
+    try:
+        verify = VerifySettings.from_section((settings.section("dedup") or {}).get("verify")).enabled
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    pool = compute.pool(ShardEncoder, (encoder, batch, verify), "image_embeddings", len(jobs),
                         wants_gpu=encoder.kind == "open_clip" and encoder.device != "cpu")
     name, dim = "", 0
     try:
-        for (shard, _, member_uid), (uids, vectors, name) in zip(jobs, pool.map("encode", jobs)):
+        for (shard, _, member_uid), (uids, vectors, name, thumbs) in zip(jobs, pool.map("encode", jobs)):
             dim = vectors.shape[1]
             missing = set(member_uid.values()) - set(uids)
             if missing:
                 raise RuntimeError(f"shard {shard}: {len(missing)} ok samples vanished from the tar since ingest "
                                    f"(e.g. {sorted(missing)[:3]}); re-materialise samples for this shard")
-            storage.write_shard("image_embeddings", delta.embeddings_frame(uids, [shard] * len(uids), vectors, name), shard)
+            storage.write_shard("image_embeddings",
+                                delta.embeddings_frame(uids, [shard] * len(uids), vectors, name, thumbs), shard)
             total += len(uids)
             context.log.info(f"shard {shard}: {len(uids)} embeddings ({name}, {compute.describe()})")
     finally:

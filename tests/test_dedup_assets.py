@@ -202,7 +202,7 @@ def test_pairs_verified_on_pixels_and_groups_use_verified_only(deduped):
     assert {"verification", "colour_residual", "verified"} <= set(pairs.columns)
     # perceptual encoder: verification is on by default, every candidate got scores
     assert pairs["verification"].null_count() == 0 and pairs["colour_residual"].null_count() == 0
-    assert (pairs["verification"] > -1).all()  # every candidate image was read back from its tar
+    assert (pairs["verification"] > -1).all()  # every candidate image had its thumbnail
     from curation_assets.core.pixel_verify import VerifySettings
 
     cfg = VerifySettings()
@@ -306,3 +306,49 @@ def test_verdicts_are_reused_only_for_the_same_images_and_settings(deduped):
     replaced = pairs.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("another image"))
                                   .otherwise(pl.col("sha256_a")).alias("sha256_a"))
     assert reusable_verdicts(deduped.storage, replaced, version)["verification"].null_count() == 1
+
+
+def _asset_metadata(results, asset: str) -> dict:
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            if event.asset_key.to_user_string() == asset:
+                return {k: v.value for k, v in event.materialization.metadata.items()}
+    raise AssertionError(f"{asset} was not materialised")
+
+
+def test_verification_reads_thumbnails_not_tars(deduped, tmp_path):
+    """Every embedded image carries its thumbnail, so with every tar gone the verdicts are the same."""
+    import shutil
+
+    from tests.conftest import open_ingested
+
+    embeddings = deduped.storage.read("image_embeddings", columns=["uid", "thumbnail"])
+    assert embeddings["thumbnail"].null_count() == 0 and embeddings["thumbnail"].bin.size().min() > 500
+    corpus = tmp_path / "corpus"
+    shutil.copytree(deduped.corpus, corpus)
+    state = open_ingested(corpus, tmp_path / "root", source=deduped.root)
+    shutil.rmtree(state.storage.table_path("duplicate_pairs"))  # no verdict to reuse
+    for tar in corpus.glob("*.tar"):
+        tar.unlink()
+    meta = _asset_metadata(state.materialize(["duplicate_pairs"]), "duplicate_pairs")
+    assert meta["images_read_from_tars"] == 0 and meta["unreadable_images"] == 0 and meta["pairs_verified_now"] > 0
+    before = deduped.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    after = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    assert after.select("uid_a", "uid_b", "verified").equals(before.select("uid_a", "uid_b", "verified"))
+    assert np.allclose(after["verification"].to_numpy(), before["verification"].to_numpy(), atol=1e-5)
+
+
+def test_images_embedded_without_thumbnails_are_read_from_their_tars(deduped, tmp_path):
+    """Tables written before thumbnails existed (or with verification off) still verify, from the tars."""
+    import shutil
+
+    state = deduped.copy(tmp_path / "root")
+    shard = state.storage.shards("image_embeddings")[0]
+    old = state.storage.read("image_embeddings", [shard]).with_columns(pl.lit(None, pl.Binary).alias("thumbnail"))
+    state.storage.write_shard("image_embeddings", old, shard)
+    shutil.rmtree(state.storage.table_path("duplicate_pairs"))
+    meta = _asset_metadata(state.materialize(["duplicate_pairs"]), "duplicate_pairs")
+    assert meta["images_read_from_tars"] > 0 and meta["unreadable_images"] == 0
+    before = deduped.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    after = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
+    assert after.select("uid_a", "uid_b", "verified").equals(before.select("uid_a", "uid_b", "verified"))

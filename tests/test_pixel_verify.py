@@ -100,3 +100,35 @@ def test_settings_validation():
         DedupSettings.from_section({"verify": {"colour_threshold": -1}})
     with pytest.raises(ValueError, match="unknown keys"):
         DedupSettings.from_section({"verify": {"nope": 1}})
+
+
+def test_thumbnails_come_from_the_encoders_decode_and_keep_the_aspect():
+    import cv2
+
+    from curation_assets.core.perceptual import PerceptualEncoder
+    from curation_assets.core.pixel_verify import THUMBNAIL_WIDTH, thumbnail_of
+
+    blobs = [_jpeg(_banner("SALE")), _jpeg(_clock(3, 10)), _jpeg(_banner("OPEN").rotate(90, expand=True))]
+    encoder = PerceptualEncoder()
+    vectors, thumbs = encoder.encode_bytes(blobs, thumbnails=True)
+    assert np.array_equal(vectors, encoder.encode_bytes(blobs))
+    assert thumbs == [thumbnail_of(b) for b in blobs]
+    shapes = [cv2.imdecode(np.frombuffer(t, np.uint8), cv2.IMREAD_COLOR).shape[:2] for t in thumbs]
+    assert shapes == [(THUMBNAIL_WIDTH // 2, THUMBNAIL_WIDTH), (THUMBNAIL_WIDTH, THUMBNAIL_WIDTH),
+                      (2 * THUMBNAIL_WIDTH, THUMBNAIL_WIDTH)]
+    assert max(len(t) for t in thumbs) < 16_000 and thumbnail_of(b"not an image") is None
+
+
+def test_worker_processes_give_the_same_verdicts():
+    from curation_assets.core.pixel_verify import _PAIR_BLOCK, thumbnail_of, verify_thumbnails
+
+    rng = np.random.default_rng(3)
+    scenes = reference_images(12, seed=31)
+    thumbs = {}
+    for i, im in enumerate(scenes):
+        thumbs[("a", i)] = thumbnail_of(_jpeg(im))
+        thumbs[("b", i)] = thumbnail_of(_jpeg(near_duplicate(im, rng, ["crop", "jpeg"])))
+    pairs = [(("a", i % 12), ("b", (i * 7) % 12)) for i in range(_PAIR_BLOCK + 40)]  # two blocks
+    one = verify_thumbnails(pairs, thumbs, VerifySettings(workers=1))
+    two = verify_thumbnails(pairs, thumbs, VerifySettings(workers=2))
+    assert one == two and sum(v.passes(CFG) for v in one) >= 40

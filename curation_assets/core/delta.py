@@ -329,8 +329,10 @@ def shards_in(path: str | Path) -> list[str]:
     return sorted(pl.scan_delta(str(path)).select(pl.col("shard").unique()).collect()["shard"].to_list())
 
 
-def embeddings_frame(uids: Sequence[str], shards: Sequence[str], vectors: np.ndarray, encoder: str) -> pl.DataFrame:
-    """The ``image_embeddings`` row layout for a block of vectors."""
+def embeddings_frame(uids: Sequence[str], shards: Sequence[str], vectors: np.ndarray, encoder: str,
+                     thumbnails: Sequence[bytes | None] | None = None) -> pl.DataFrame:
+    """The ``image_embeddings`` row layout for a block of vectors, with each image's verification thumbnail
+    (null when pixel verification is off for the encoder)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     flat = pl.Series("embedding", vectors.reshape(-1))
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
@@ -342,6 +344,7 @@ def embeddings_frame(uids: Sequence[str], shards: Sequence[str], vectors: np.nda
         "shard": pl.Series(list(shards), dtype=pl.String),
         "embedding": lists,
         "encoder": pl.Series([encoder] * len(uids), dtype=pl.String),
+        "thumbnail": pl.Series(list(thumbnails) if thumbnails is not None else [None] * len(uids), dtype=pl.Binary),
     })
 
 
@@ -395,7 +398,7 @@ def binary_to_matrix(column: pl.Series, dim: int) -> np.ndarray:
 
 def load_embeddings(path: str | Path, shards: Iterable[str] | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """``(ids, X)``: ids has uid, shard, encoder in the row order of the float32 matrix ``X``."""
-    df = scan(path, shards).sort("uid").collect()
+    df = scan(path, shards).select("uid", "shard", "encoder", "embedding").sort("uid").collect()
     ids = df.select("uid", "shard", "encoder")
     return ids, matrix(df["embedding"])
 

@@ -497,28 +497,38 @@ class PerceptualEncoder:
         with _single_threaded_blas():
             return self.project(raw_features(list(images)))
 
-    def _encode_chunk(self, start: int, blobs: Sequence[bytes]) -> np.ndarray:
-        pixels = []
+    def _encode_chunk(self, start: int, blobs: Sequence[bytes], thumbnails: bool) -> tuple[np.ndarray, list[bytes]]:
+        from curation_assets.core.pixel_verify import thumbnail
+
+        pixels, thumbs = [], []
         for i, blob in enumerate(blobs):
             try:
-                pixels.append(_to_pixels(decode(blob)))
+                image = decode(blob)
+                pixels.append(_to_pixels(image))
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
                 raise ValueError(f"image {start + i} of the batch cannot be decoded: {exc}") from exc
-        return _raw_descriptor(np.stack(pixels))
+            if thumbnails:
+                thumbs.append(thumbnail(pixels[-1], *image.size))
+        return _raw_descriptor(np.stack(pixels)), thumbs
 
-    def encode_bytes(self, blobs: Sequence[bytes]) -> np.ndarray:
-        """Decode and encode; chunks run on a thread pool (PIL decoding and numpy release the GIL)."""
+    def encode_bytes(self, blobs: Sequence[bytes], thumbnails: bool = False) -> np.ndarray | tuple[np.ndarray, list[bytes]]:
+        """Decode and encode; chunks run on a thread pool (PIL decoding and numpy release the GIL). With
+        ``thumbnails``, also each image's verification thumbnail (:func:`~curation_assets.core.pixel_verify.thumbnail`),
+        made from the same decode: ``(vectors, thumbnails)``."""
         if len(blobs) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return (empty, []) if thumbnails else empty
         starts = list(range(0, len(blobs), _CHUNK))
         chunks = [blobs[i : i + _CHUNK] for i in starts]
+        flags = [thumbnails] * len(chunks)
         with _single_threaded_blas():
             if self.num_workers == 1 or len(chunks) == 1:
-                raw = [self._encode_chunk(i, c) for i, c in zip(starts, chunks)]
+                done = [self._encode_chunk(i, c, f) for i, c, f in zip(starts, chunks, flags)]
             else:
                 with ThreadPoolExecutor(self.num_workers) as pool:
-                    raw = list(pool.map(self._encode_chunk, starts, chunks))
-            return self.project(np.concatenate(raw))
+                    done = list(pool.map(self._encode_chunk, starts, chunks, flags))
+            vectors = self.project(np.concatenate([raw for raw, _ in done]))
+        return (vectors, [t for _, thumbs in done for t in thumbs]) if thumbnails else vectors
 
 
 def encode_images(images: Sequence[Image.Image]) -> np.ndarray:
