@@ -87,9 +87,11 @@ def _thumbnails(storage: DeltaStorage, shard_source: ShardSource, uids: list[str
     release, or verification turned on later) the image is read back from its tar and the thumbnail made
     now. Returns the thumbnails and how many images had to be read from tars."""
     want = pl.Series("uid", uids, dtype=pl.String).implode()
+    shards = sorted({uid.split("/", 1)[0] for uid in uids})  # a uid is "{shard}/{key}": read only those shards
     thumbs: dict[str, bytes | None] = {}
     if "thumbnail" in storage.scan("image_embeddings").collect_schema().names():
-        found = (storage.scan("image_embeddings").filter(pl.col("uid").is_in(want) & pl.col("thumbnail").is_not_null())
+        found = (storage.scan("image_embeddings", shards)
+                 .filter(pl.col("uid").is_in(want) & pl.col("thumbnail").is_not_null())
                  .select("uid", "thumbnail").collect())
         thumbs = dict(found.iter_rows())
     missing = [u for u in uids if u not in thumbs]

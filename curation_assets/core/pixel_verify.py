@@ -380,29 +380,47 @@ def verify_thumbnails(pairs: Sequence[tuple[Hashable, Hashable]], thumbnails: Ma
         block = pairs[start:start + _PAIR_BLOCK]
         jobs.append((block, {k: thumbnails.get(k) for pair in block for k in pair}, cfg))
     if cfg.workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # fork, as torch's DataLoader does: spawn would re-run the caller's main script in every worker; the
-        # children run only numpy and OpenCV (OpenCV on one thread each), never the parent's threads
-        with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_worker_init) as pool:
-            results = list(pool.map(_verify_block, jobs))
+        results = _in_worker_processes(jobs, min(cfg.workers, len(jobs)))
     else:
         results = [_verify_block(job) for job in jobs]
     return [v for block in results for v in block]
-
-
-def _worker_init() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 def _verify_block(job: tuple) -> list[Verification]:
     block, thumbnails, cfg = job
     prepared = {k: VerifyImage(t, cfg) for k, t in thumbnails.items()}
     return [verify_images(prepared[a], prepared[b], cfg) for a, b in block]
+
+
+def _in_worker_processes(jobs: list[tuple], workers: int) -> list[list[Verification]]:
+    """The jobs dealt out to ``workers`` fresh interpreters running this module (``python -m``), pickled
+    through their stdin and stdout. Not ``multiprocessing``: a forked child can inherit OpenCV's thread pool
+    mid-use and hang (seen in this project's test suite), and a spawned one re-runs the caller's main script."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    shares = [jobs[i::workers] for i in range(workers)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # whatever found this module
+
+    def run(share: list[tuple]) -> list[list[Verification]]:
+        proc = subprocess.Popen([sys.executable, "-m", "curation_assets.core.pixel_verify"], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(pickle.dumps(share, protocol=pickle.HIGHEST_PROTOCOL))
+        if proc.returncode != 0:
+            raise RuntimeError(f"a verification worker failed (exit {proc.returncode}): "
+                               f"{err.decode(errors='replace')[-2000:]}")
+        return [[Verification(*v) for v in block] for block in pickle.loads(out)]
+
+    with ThreadPoolExecutor(workers) as pool:  # the threads only wait on pipes
+        done = list(pool.map(run, shares))
+    results: list[list[Verification]] = [[] for _ in jobs]
+    for i, share in enumerate(done):
+        for j, block in enumerate(share):
+            results[i + j * workers] = block
+    return results
 
 
 def verify_pair(a: bytes, b: bytes, cfg: VerifySettings | None = None) -> Verification:
@@ -557,3 +575,15 @@ def calibrate(n: int = 300, seed: int = CALIBRATION_SEED, quantile: float = 0.05
             "negative_pass_rate_at_default": float(np.mean(cn >= containment.threshold)),
         },
     }
+
+
+if __name__ == "__main__":  # a worker of _in_worker_processes: pickled jobs in, pickled score tuples out
+    import pickle
+    import sys
+
+    from curation_assets.core import pixel_verify  # by name, as the caller pickled the settings
+
+    jobs = pickle.load(sys.stdin.buffer)
+    scores = [[(v.structure, v.colour_residual, v.alignment_ncc) for v in pixel_verify._verify_block(job)]
+              for job in jobs]
+    sys.stdout.buffer.write(pickle.dumps(scores, protocol=pickle.HIGHEST_PROTOCOL))
