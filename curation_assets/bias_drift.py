@@ -55,11 +55,17 @@ def alerted_shards(alerts: AlertSink, storage: DeltaStorage, version: str) -> se
     return out
 
 
-def drift_alert(verdict: demographics.DriftVerdict, cfg: BiasSettings, computed_at: str) -> Alert:
+def drift_alert(verdict: demographics.DriftVerdict, cfg: BiasSettings, computed_at: str,
+                shard_counts: dict[str, tuple[float, float]]) -> Alert:
+    """The alert for a drifted shard. Its id digests the shard's own counts, not when they were computed: a
+    shard whose ratios are recomputed unchanged (every shard's are, when a new shard moves the global
+    weights or the dedup groups) is not alerted twice; one re-ingested with other data is."""
     tripped = [g for g in verdict.groups if g["tripped"]]
     parts = [f"{g['group']} share {g['share']:.3f} vs reference {g['reference_share']:.3f} "
              f"(x{g['effect']:.2f}, p={g['p_value']:.2g})" for g in tripped]
-    identity = f"{ALERT_SOURCE}|{verdict.shard}|{verdict.version}|{cfg.drift_stage}|{computed_at}"
+    content = json.dumps(sorted((g, round(c, 6), round(n, 6)) for g, (c, n) in shard_counts.items()))
+    identity = (f"{ALERT_SOURCE}|{verdict.shard}|{verdict.version}|{cfg.drift_stage}|{cfg.drift_source}|"
+                + hashlib.sha256(content.encode()).hexdigest())
     return Alert(
         alert_id=hashlib.sha256(identity.encode()).hexdigest()[:20], source=ALERT_SOURCE,
         severity=verdict.severity or "WARN", asset=RATIOS, shard=verdict.shard,
@@ -83,7 +89,7 @@ def evaluate_drift(storage: DeltaStorage, cfg: BiasSettings, shards: Sequence[st
         if version not in excluded:
             excluded[version] = alerted_shards(alerts, storage, version)
         verdict = demographics.drift_verdict(shard, version, counts, versions, cfg.drift, excluded[version])
-        alert = drift_alert(verdict, cfg, computed[shard]) if verdict.alerting else None
+        alert = drift_alert(verdict, cfg, computed[shard], counts[shard]) if verdict.alerting else None
         if alert is not None:
             excluded[version].add(shard)
         out.append((verdict, alert))

@@ -84,3 +84,20 @@ def test_small_reference_gives_no_verdict_and_settings_validate():
                 dict(alpha=0), dict(trailing_shards=0)]:
         with pytest.raises(ValueError):
             DriftSettings(**bad)
+
+
+def test_a_drift_alert_is_raised_once_per_content_of_the_shard():
+    """Every shard's ratios are recomputed when a new shard moves the global weights or dedup groups: the
+    same counts recomputed later must not alert again, other counts for the shard must."""
+    from curation_assets.bias_drift import drift_alert
+    from curation_assets.core.demographics import BiasSettings, DriftVerdict
+    from resources.settings import CurationSettings
+
+    cfg = BiasSettings.from_section(CurationSettings().section("bias"))
+    group = {"group": "women", "share": 0.08, "reference_share": 0.18, "effect": 0.44, "p_value": 1e-9,
+             "tripped": True}
+    verdict = DriftVerdict("00004", V1, "alert", "ERROR", ["00000", "00001"], [group])
+    first = drift_alert(verdict, cfg, "2026-11-30 10:00:00", shard_counts(400, 1000, 5000))
+    recomputed = drift_alert(verdict, cfg, "2026-11-30 10:05:00", shard_counts(400, 1000, 5000))
+    changed = drift_alert(verdict, cfg, "2026-11-30 10:05:00", shard_counts(390, 1000, 5000))
+    assert first.alert_id == recomputed.alert_id != changed.alert_id

@@ -111,7 +111,8 @@ def _run_and_check(corpus, reference, watched, workspace, env, tmp_path, home, s
         judged = _wait("the normal shard judged", lambda: [v for v in _sensor_verdicts(instance)
                                                            if normal in v["statuses"]], daemon, log_path, 240)
         assert judged[0]["passed"] and judged[0]["statuses"][normal] != "alert"
-        assert AlertSink().read(storage).height == 1
+        alerts = AlertSink().read(storage)
+        assert alerts.height == 1, alerts.to_dicts()
 
     # every per-shard asset ran for every shard, each shard's rows counted once, and the runs came from
     # automation (no run was launched by hand)

@@ -106,7 +106,8 @@ def test_thumbnails_come_from_the_encoders_decode_and_keep_the_aspect():
     import cv2
 
     from curation_assets.core.perceptual import PerceptualEncoder
-    from curation_assets.core.pixel_verify import THUMBNAIL_WIDTH, thumbnail_of
+    from curation_assets.core.pixel_verify import thumbnail_of
+    from curation_assets.core.thumbnails import THUMBNAIL_WIDTH
 
     blobs = [_jpeg(_banner("SALE")), _jpeg(_clock(3, 10)), _jpeg(_banner("OPEN").rotate(90, expand=True))]
     encoder = PerceptualEncoder()

@@ -498,7 +498,7 @@ class PerceptualEncoder:
             return self.project(raw_features(list(images)))
 
     def _encode_chunk(self, start: int, blobs: Sequence[bytes], thumbnails: bool) -> tuple[np.ndarray, list[bytes]]:
-        from curation_assets.core.pixel_verify import thumbnail
+        from curation_assets.core.thumbnails import thumbnail
 
         pixels, thumbs = [], []
         for i, blob in enumerate(blobs):

@@ -32,7 +32,7 @@ chain them into large false groups. Verification asks two questions a near-dupli
 
 The thumbnail is the perceptual encoder's own 128 x 128 work image (so it costs the encoder one resize and
 one JPEG encoding, ~0.1 ms) brought back to the image's aspect, as a JPEG of quality
-:data:`THUMBNAIL_QUALITY`: about 4 KB per image. Each image's pyramids are computed once per batch of pairs
+:data:`~curation_assets.core.thumbnails.THUMBNAIL_QUALITY`: about 4 KB per image. Each image's pyramids are computed once per batch of pairs
 (:class:`VerifyImage`), so a pair costs only the searches.
 
 Calibration (one procedure, :func:`calibrate`): every threshold here is the 5% quantile (the colour
@@ -52,6 +52,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from curation_assets.core.thumbnails import THUMBNAIL_WIDTH, thumbnail
+
 CALIBRATION_SEED = 4242
 """Seed of the calibration scenes: not the encoder's whitening set and not a demo corpus."""
 
@@ -66,9 +68,6 @@ positives (measured 6.98), rounded up. At both defaults 91% of calibration posit
 scene pairs pass (highest distinct structure score 0.72, median 0.15). Throughput: ~650 pairs per second on
 one core of the dev VM, ~1,150 with 2 worker processes (demo candidates, thumbnails already made)."""
 
-THUMBNAIL_WIDTH = 128
-THUMBNAIL_QUALITY = 90
-_MAX_ASPECT = 4
 _PAIR_BLOCK = 512
 """Pairs whose images are prepared together: bounds a worker's prepared pyramids (~0.3 MB an image) to ~300 MB."""
 
@@ -152,20 +151,6 @@ _FAILED = Verification(-1.0, 255.0, -1.0)
 
 
 # --------------------------------------------------------------------------- thumbnails
-
-
-def thumbnail(pixels: np.ndarray, width: int, height: int) -> bytes:
-    """The verification thumbnail of an image whose ``RGB`` pixels (any size, e.g. the perceptual encoder's
-    square work image) show a picture of ``width x height``: :data:`THUMBNAIL_WIDTH` px wide with that aspect
-    (at most 4:1 either way), JPEG quality :data:`THUMBNAIL_QUALITY`."""
-    import cv2
-
-    aspect = min(max(height / max(width, 1), 1 / _MAX_ASPECT), _MAX_ASPECT)
-    h = max(8, int(round(THUMBNAIL_WIDTH * aspect)))
-    src = np.ascontiguousarray(pixels[..., ::-1])
-    shrink = h <= src.shape[0] and THUMBNAIL_WIDTH <= src.shape[1]
-    out = cv2.resize(src, (THUMBNAIL_WIDTH, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])[1].tobytes()
 
 
 def thumbnail_of(data: bytes) -> bytes | None:
