@@ -65,8 +65,8 @@ encoder's largest stamps (text up to about half the width), which to a structura
 COLOUR_THRESHOLD = 7.0
 """Colour residual (0-255 units) a near-duplicate must not exceed: the 95% quantile of the same
 positives (measured 6.98), rounded up. At both defaults 91% of calibration positives and 0 of 300 distinct
-scene pairs pass (highest distinct structure score 0.72, median 0.15). Throughput: ~650 pairs per second on
-one core of the dev VM, ~1,150 with 2 worker processes (demo candidates, thumbnails already made)."""
+scene pairs pass (highest distinct structure score 0.72, median 0.15). Throughput: ~760 pairs per second on
+one core of the dev VM, ~1,300 with 2 worker processes (demo candidates, thumbnails already made)."""
 
 _PAIR_BLOCK = 512
 """Pairs whose images are prepared together: bounds a worker's prepared pyramids (~0.3 MB an image) to ~300 MB."""
