@@ -69,14 +69,19 @@ def _candidate_bytes(storage: DeltaStorage, shard_source: ShardSource, uids: lis
     return out
 
 
-def _verify_chunks(todo: pl.DataFrame, compute: ComputeResource) -> list[pl.DataFrame]:
-    """The pairs to verify as one piece in-process, or about four pieces per worker CPU on Ray, each piece
-    keeping the pairs of one shard together so its images are read from as few tars as possible."""
+VERIFY_PIECE = 20_000
+"""Candidate pairs verified together in this process: their thumbnails (~4 KB an image, two images a pair at
+most) stay under ~160 MB however many pairs a run verifies."""
+
+
+def _verify_chunks(todo: pl.DataFrame, compute: ComputeResource, piece: int = VERIFY_PIECE) -> list[pl.DataFrame]:
+    """The pairs to verify in pieces of at most ``piece`` pairs in-process, or about four pieces per worker CPU
+    on Ray (no larger than ``piece`` either), sorted by ``uid_a`` so that an image's pairs mostly share a
+    piece and its thumbnail is read once."""
     if not todo.height:
         return []
-    if not compute.on_ray:
-        return [todo]
-    pieces = max(1, min(todo.height // 50, 4 * compute.parallelism()))
+    pieces = max(1, min(todo.height // 50, 4 * compute.parallelism())) if compute.on_ray else 1
+    pieces = max(pieces, -(-todo.height // piece))
     ordered = todo.sort("uid_a")
     size = -(-ordered.height // pieces)
     return [ordered.slice(i, size) for i in range(0, ordered.height, size)]

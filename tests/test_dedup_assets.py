@@ -352,3 +352,14 @@ def test_images_embedded_without_thumbnails_are_read_from_their_tars(deduped, tm
     before = deduped.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
     after = state.storage.read("duplicate_pairs").sort("uid_a", "uid_b")
     assert after.select("uid_a", "uid_b", "verified").equals(before.select("uid_a", "uid_b", "verified"))
+
+
+def test_verification_pieces_bound_memory_and_cover_every_pair():
+    from curation_assets.dedup import _verify_chunks
+    from resources.compute import ComputeResource
+
+    todo = pl.DataFrame({"uid_a": [f"s/{i % 97:03d}" for i in range(1000)], "uid_b": [f"t/{i}" for i in range(1000)]})
+    pieces = _verify_chunks(todo, ComputeResource(), piece=300)
+    assert len(pieces) == 4 and max(p.height for p in pieces) <= 300
+    assert pl.concat(pieces).sort("uid_b").equals(todo.sort("uid_b"))
+    assert len(_verify_chunks(todo, ComputeResource())) == 1 and _verify_chunks(todo.head(0), ComputeResource()) == []
