@@ -123,8 +123,8 @@ def verify_candidates(pairs: pl.DataFrame, thumbnails: dict[str, bytes | None], 
     """Stage 2: fill ``verification`` (structure score), ``colour_residual`` and ``verified`` for every
     candidate pair from the two images' thumbnails; a pair with an image that has none is not verified."""
     results = verify_core.verify_thumbnails(list(pairs.select("uid_a", "uid_b").iter_rows()), thumbnails, cfg)
-    structure = np.array([r.structure for r in results], np.float32).reshape(-1)
-    colour = np.array([r.colour_residual for r in results], np.float32).reshape(-1)
+    structure = np.array([r.structure for r in results], np.float32)
+    colour = np.array([r.colour_residual for r in results], np.float32)
     return pairs.with_columns(
         verification=pl.Series(structure, dtype=pl.Float32), colour_residual=pl.Series(colour, dtype=pl.Float32),
         verified=pl.Series((structure >= cfg.structure_threshold) & (colour <= cfg.colour_threshold), dtype=pl.Boolean))

@@ -513,7 +513,7 @@ class PerceptualEncoder:
 
     def encode_bytes(self, blobs: Sequence[bytes], thumbnails: bool = False) -> np.ndarray | tuple[np.ndarray, list[bytes]]:
         """Decode and encode; chunks run on a thread pool (PIL decoding and numpy release the GIL). With
-        ``thumbnails``, also each image's verification thumbnail (:func:`~curation_assets.core.pixel_verify.thumbnail`),
+        ``thumbnails``, also each image's verification thumbnail (:func:`~curation_assets.core.thumbnails.thumbnail`),
         made from the same decode: ``(vectors, thumbnails)``."""
         if len(blobs) == 0:
             empty = np.zeros((0, self.dim), dtype=np.float32)
