@@ -384,7 +384,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, storage: DeltaStorage, se
         pairs = reusable_verdicts(storage, pairs, vcfg.version())
         todo = pairs.filter(pl.col("verification").is_null())
         t = time.perf_counter()
-        # on Ray each piece is a task on one CPU; in this process the pieces' blocks go to vcfg.workers processes
+        # on Ray each piece is a task on one CPU; in this process vcfg.workers threads share each block
         task_cfg = dataclasses.replace(vcfg, workers=1) if compute.on_ray else vcfg
         done = list(compute.map(_verify_chunk, _verify_chunks(todo.drop(VERDICT), compute), "verify_pairs",
                                 storage, shard_source, task_cfg))

@@ -120,7 +120,7 @@ def test_thumbnails_come_from_the_encoders_decode_and_keep_the_aspect():
     assert max(len(t) for t in thumbs) < 16_000 and thumbnail_of(b"not an image") is None
 
 
-def test_worker_processes_give_the_same_verdicts():
+def test_threads_blocks_and_order_give_the_same_verdicts():
     from curation_assets.core.pixel_verify import _PAIR_BLOCK, thumbnail_of, verify_thumbnails
 
     rng = np.random.default_rng(3)
@@ -133,3 +133,10 @@ def test_worker_processes_give_the_same_verdicts():
     one = verify_thumbnails(pairs, thumbs, VerifySettings(workers=1))
     two = verify_thumbnails(pairs, thumbs, VerifySettings(workers=2))
     assert one == two and sum(v.passes(CFG) for v in one) >= 40
+    # results come back in the order given, whatever block a pair was scored in
+    assert verify_thumbnails(pairs[::-1], thumbs, VerifySettings(workers=2)) == one[::-1]
+    alone = {p: verify_thumbnails([p], thumbs, VerifySettings(workers=1))[0] for p in set(pairs)}
+    assert all(v == alone[p] for p, v in zip(pairs, one))
+    same = [i == (i * 7) % 12 for i in range(12)]  # the even i pair a scene with its own copy
+    assert not any(v.passes(CFG) for v, s in zip(one[:12], same) if not s)
+    assert sum(v.passes(CFG) for v, s in zip(one[:12], same) if s) >= 4

@@ -2,7 +2,7 @@
 
 An embedding search is tuned for recall; what it finds is confirmed here, on the pixels, by one of two tests:
 
-- :func:`verify_images` (dedup, symmetric): are two images near-duplicates of each other? It works on each
+- :func:`verify_thumbnails` (dedup, symmetric): are two images near-duplicates of each other? It works on each
   image's *verification thumbnail* (:func:`thumbnail`), made once per image while the image is decoded for
   embedding and stored beside the embedding, so verification reads no tar. Structure and colour, below.
 - :func:`containment_score` (regurgitation, one-way): does the generated image, rescaled, reappear inside the
@@ -18,13 +18,14 @@ chain them into large false groups. Verification asks two questions a near-dupli
    Gaussian blur) are compared. The central ``crop_fraction`` of one image is searched in the other over
    relative scales in [min_scale, max_scale] and all offsets, in both directions; this absorbs crops keeping
    >= 80% of the area and resizes. The search runs coarse to fine (normalised cross-correlation of gradient
-   magnitudes, OpenCV ``matchTemplate``): every one of ``scales`` scales and every offset at a quarter of the
-   width, then five scales a quarter of a coarse step apart and a few pixels around the best at half the
-   width, then a few pixels at full width, where the other image is resampled (``warpAffine``) into the
-   template's frame. At that alignment the template is split into ``cells x cells`` cells and each cell's
-   contrast-normalised gradient difference is measured; the structure score is 1 minus the second-worst
-   cell's difference (one cell may hold a stamped logo). Different text, a moved clock hand or another scene
-   changes some cell a lot, while JPEG, brightness and contrast change none.
+   magnitudes, as OpenCV's ``TM_CCOEFF_NORMED``): every one of ``scales`` scales and every offset at a quarter
+   of the width, in both directions; then, for the better direction (both when their correlations are
+   within :data:`_MARGIN`), three scales half a coarse step apart and +-3 px at half the width, then +-1 px at
+   full width, where the other image is resampled (bilinear) into the template's frame. At that alignment
+   the template is split into ``cells x cells`` cells and each cell's contrast-normalised gradient difference
+   is measured; the structure score is 1 minus the second-worst cell's difference (one cell may hold a
+   stamped logo). Different text, a moved clock hand or another scene changes some cell a lot, while JPEG,
+   brightness and contrast change none.
 2. **Colour.** At the same alignment, the blurred RGB pixels of one image must follow the other's through
    one gain (0.6-1.6) and offset shared by all three channels (what brightness and contrast changes do);
    the colour residual is the RMS error (0-255 units) of the best 95% of pixels. A palette change (navy vs
@@ -32,8 +33,9 @@ chain them into large false groups. Verification asks two questions a near-dupli
 
 The thumbnail is the perceptual encoder's own 128 x 128 work image (so it costs the encoder one resize and
 one JPEG encoding, ~0.1 ms) brought back to the image's aspect, as a JPEG of quality
-:data:`~curation_assets.core.thumbnails.THUMBNAIL_QUALITY`: about 4 KB per image. Each image's pyramids are computed once per batch of pairs
-(:class:`VerifyImage`), so a pair costs only the searches.
+:data:`~curation_assets.core.thumbnails.THUMBNAIL_QUALITY`: about 4 KB per image. The work itself is compiled
+(:mod:`curation_assets.core.verify_kernels`): pairs are taken in blocks whose images are prepared once (the
+gradient maps and the coarse pyramid), and threads share a block, the kernels running without the GIL.
 
 Calibration (one procedure, :func:`calibrate`): every threshold here is the 5% quantile (the colour
 residual's 95%) of the scores of positive pairs made by the perceptual encoder's own near-duplicate
@@ -57,25 +59,41 @@ from curation_assets.core.thumbnails import THUMBNAIL_WIDTH, thumbnail
 CALIBRATION_SEED = 4242
 """Seed of the calibration scenes: not the encoder's whitening set and not a demo corpus."""
 
-STRUCTURE_THRESHOLD = 0.50
+STRUCTURE_THRESHOLD = 0.53
 """Structure score a near-duplicate must reach: the 5% quantile of the positives of ``calibrate()``
-(n=300, seed 4242, at the default settings: measured 0.505), rounded down. The low tail is set by the
+(n=300, seed 4242, at the default settings: measured 0.534), rounded down. The low tail is set by the
 encoder's largest stamps (text up to about half the width), which to a structural test look like other text."""
 
-COLOUR_THRESHOLD = 7.0
+COLOUR_THRESHOLD = 6.8
 """Colour residual (0-255 units) a near-duplicate must not exceed: the 95% quantile of the same
-positives (measured 6.98), rounded up. At both defaults 91% of calibration positives and 0 of 300 distinct
-scene pairs pass (highest distinct structure score 0.72, median 0.15). Throughput: ~760 pairs per second on
-one core of the dev VM, ~1,300 with 2 worker processes (demo candidates, thumbnails already made)."""
+positives (measured 6.70), rounded up. At both defaults 92% of calibration positives and 0 of 300 distinct
+scene pairs pass (highest distinct structure score 0.71, median 0.14). Throughput on the demo candidates
+(thumbnails already made, their decoding and preparation included): ~1,500 pairs per second on one core of
+the dev VM, ~2,900 with 2 threads."""
 
 _PAIR_BLOCK = 512
-"""Pairs whose images are prepared together: bounds a worker's prepared pyramids (~0.3 MB an image) to ~300 MB."""
+"""Pairs whose images are prepared together: bounds the prepared maps held at once (~0.3 MB an image) to
+~300 MB."""
+
+_PAIR_SPAN = 16
+"""Pairs a thread scores per call, so threads finishing early take more."""
+
+_MARGIN = 0.05
+"""Both directions are refined when their coarse correlations are within this."""
+
+_MID_STEPS, _MID_RADIUS, _FINE_RADIUS = 1, 3, 1
+"""The refinement: the coarse scale and one half-step either side at half width, +-3 px there (a coarse pixel
+is 2 px at half width), then +-1 px at full width."""
+
+_COLOUR_BLUR = 1.0
+"""Gaussian blur (half-width px) of the colour maps."""
 
 
 @dataclass(frozen=True)
 class VerifySettings:
     """The ``dedup.verify`` config section. ``enabled`` None means "auto": on for perceptual encoders (whose
-    threshold admits same-layout look-alikes), off otherwise."""
+    threshold admits same-layout look-alikes), off otherwise. ``workers`` is how many threads verify (not a
+    verdict setting)."""
 
     enabled: bool | None = None
     structure_threshold: float = STRUCTURE_THRESHOLD
@@ -125,7 +143,7 @@ class VerifySettings:
         import json
 
         decisive = {k: v for k, v in self.__dict__.items() if k not in ("workers", "enabled")}
-        decisive["algorithm"] = "thumbnail-pyramid-2"
+        decisive["algorithm"] = "thumbnail-pyramid-3-compiled"
         return "verify-" + hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
 
     def active(self, encoder_name: str | None) -> bool:
@@ -168,244 +186,80 @@ def thumbnail_of(data: bytes) -> bytes | None:
 # --------------------------------------------------------------------------- structure and colour
 
 
-def _centre_box(h: int, w: int, fraction: float, minimum: int) -> tuple[int, int, int, int]:
-    th, tw = max(minimum, int(round(h * fraction))), max(minimum, int(round(w * fraction)))
-    return (h - th) // 2, (w - tw) // 2, th, tw
-
-
-def _gradients(gray: np.ndarray, blur: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Magnitude and signed x and y gradients (3x3 Sobel) of a grey image after a Gaussian blur of ``blur`` px."""
+def _decode_thumbnail(thumb: bytes | None, width: int) -> np.ndarray | None:
+    """A thumbnail as BGR float32 ``width`` px wide (aspect kept), or None when it does not decode."""
     import cv2
 
-    if blur > 0:
-        gray = cv2.GaussianBlur(gray, (0, 0), blur)
-    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
-    return cv2.magnitude(gx, gy), gx, gy
+    full = None if thumb is None else cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR)
+    if full is None or min(full.shape[:2]) < 8:
+        return None
+    if full.shape[1] != width:
+        h = max(8, int(round(width * full.shape[0] / full.shape[1])))
+        full = cv2.resize(full, (width, h), interpolation=cv2.INTER_AREA)
+    return full.astype(np.float32)
 
 
-def _template(x: np.ndarray) -> np.ndarray:
-    """A correlation template (a flat one gets a whisper of fixed noise, so its correlation is defined)."""
-    if float(x.max()) == float(x.min()):
-        x = x + np.random.default_rng(0).normal(0, 1e-3, x.shape).astype(np.float32)
-    return np.ascontiguousarray(x)
+def _by_component(pairs: list[tuple[Hashable, Hashable]]) -> np.ndarray:
+    """An order of ``pairs`` that keeps each connected component of the pair graph together, so the pairs of a
+    block share their images and each image is prepared about once."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ids: dict[Hashable, int] = {}
+    a = np.array([ids.setdefault(x, len(ids)) for x, _ in pairs], np.int64)
+    b = np.array([ids.setdefault(y, len(ids)) for _, y in pairs], np.int64)
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (a, b)), shape=(len(ids), len(ids)))
+    _, labels = connected_components(graph, directed=False)
+    return np.lexsort((np.minimum(a, b), labels[a]))
 
 
-class VerifyImage:
-    """Everything verification needs of one image, computed once from its thumbnail: gradients at full
-    ``width`` (searched last, and compared cell by cell), gradient magnitude and blurred colour at half width,
-    the coarse template and the coarse pyramid (one gradient-magnitude map per scale) at a quarter width.
-    Each image's ``centre`` is where its central template sits, in full-width pixels, at every level."""
+def _verify_block(block: list[tuple[Hashable, Hashable]], thumbnails: Mapping[Hashable, bytes | None],
+                  cfg: VerifySettings, pool) -> list[Verification]:
+    """One block: its images decoded and prepared once (:func:`~curation_assets.core.verify_kernels.prepare`),
+    then its pairs scored, both split over the ``pool``'s threads (the kernels release the GIL)."""
+    from curation_assets.core import verify_kernels as vk
 
-    def __init__(self, thumb: bytes | None, cfg: VerifySettings):
-        import cv2
-
-        full = None if thumb is None else cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR)
-        self.ok = full is not None and min(full.shape[:2]) >= 8
-        if not self.ok:
-            return
-        full = full.astype(np.float32)
-        if full.shape[1] != cfg.width:
-            h = max(8, int(round(cfg.width * full.shape[0] / full.shape[1])))
-            full = cv2.resize(full, (cfg.width, h), interpolation=cv2.INTER_AREA)
-        self.h, self.w = full.shape[:2]
-        gray = cv2.cvtColor(full, cv2.COLOR_BGR2GRAY)
-
-        mag, gx, gy = _gradients(gray, cfg.blur)
-        self.fine = cv2.merge([mag, gx, gy])
-        y0, x0, th, tw = _centre_box(self.h, self.w, cfg.crop_fraction, 8)
-        self.fine_t = _template(mag[y0:y0 + th, x0:x0 + tw])
-        self.fine_gx, self.fine_gy = gx[y0:y0 + th, x0:x0 + tw], gy[y0:y0 + th, x0:x0 + tw]
-        self.centre = (x0 + tw / 2, y0 + th / 2)
-
-        self.r_mid = r = 0.5
-        mw, mh = max(8, int(round(self.w * r))), max(8, int(round(self.h * r)))
-        small = cv2.resize(gray, (mw, mh), interpolation=cv2.INTER_AREA)
-        self.mid = _gradients(small, cfg.blur * r)[0]
-        my0, mx0, mth, mtw = _centre_box(mh, mw, cfg.crop_fraction, 6)
-        self.mid_t = _template(self.mid[my0:my0 + mth, mx0:mx0 + mtw])
-        self.mid_centre = ((mx0 + mtw / 2) / r, (my0 + mth / 2) / r)
-        self.colour = cv2.GaussianBlur(cv2.resize(full, (mw, mh), interpolation=cv2.INTER_AREA), (0, 0), 2.0 * r)
-        self.colour_t = self.colour[my0:my0 + mth, mx0:mx0 + mtw]
-
-        self.r_coarse = rc = 0.25
-        cw, ch = max(6, int(round(self.w * rc))), max(6, int(round(self.h * rc)))
-        coarse = _gradients(cv2.resize(gray, (cw, ch), interpolation=cv2.INTER_AREA), 0.0)[0]
-        cy0, cx0, cth, ctw = _centre_box(ch, cw, cfg.crop_fraction, 4)
-        self.coarse_t = _template(coarse[cy0:cy0 + cth, cx0:cx0 + ctw])
-        self.coarse_centre = ((cx0 + ctw / 2) / rc, (cy0 + cth / 2) / rc)
-        self.levels = []
-        for s in np.linspace(cfg.min_scale, cfg.max_scale, cfg.scales):
-            lw, lh = max(6, int(round(cw * s))), max(6, int(round(ch * s)))
-            level = _gradients(cv2.resize(gray, (lw, lh), interpolation=cv2.INTER_AREA), 0.0)[0]
-            self.levels.append((lw / cw, lh / ch, level))
-
-
-def _window(src: np.ndarray, scale: float, cx: float, cy: float, tw: int, th: int, pad: int) -> np.ndarray:
-    """``src`` resampled into a template's frame: a ``(th + 2 pad, tw + 2 pad)`` window whose centre is
-    ``(cx, cy)`` of ``src``, one window pixel being ``1 / scale`` source pixels."""
-    import cv2
-
-    inv = 1.0 / scale
-    m = np.array([[inv, 0, cx + (0.5 - pad - tw / 2) * inv - 0.5],
-                  [0, inv, cy + (0.5 - pad - th / 2) * inv - 0.5]], np.float32)
-    return cv2.warpAffine(src, m, (tw + 2 * pad, th + 2 * pad), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
-
-
-def _best(image: np.ndarray, template: np.ndarray) -> tuple[float, tuple[int, int]]:
-    import cv2
-
-    _, ncc, _, loc = cv2.minMaxLoc(cv2.matchTemplate(image, template, cv2.TM_CCOEFF_NORMED))
-    return float(ncc), loc
-
-
-def _coarse_search(a: VerifyImage, b: VerifyImage) -> tuple[float, float, tuple[float, float]] | None:
-    """Every scale and offset at a quarter width: (ncc, scale, the point of ``b`` (full-width px) where the
-    centre of ``a``'s template lands), or None when ``a``'s template fits no level of ``b``."""
-    th, tw = a.coarse_t.shape
-    best = None
-    for sx, sy, level in b.levels:
-        if level.shape[0] < th or level.shape[1] < tw:
-            continue
-        ncc, (x, y) = _best(level, a.coarse_t)
-        if best is None or ncc > best[0]:
-            s = 0.5 * (sx + sy)
-            px, py = (x + tw / 2) / (sx * b.r_coarse), (y + th / 2) / (sy * b.r_coarse)
-            best = (ncc, s, (px - (a.coarse_centre[0] - a.centre[0]) / s, py - (a.coarse_centre[1] - a.centre[1]) / s))
-    return best
-
-
-def _refine(a: VerifyImage, b: VerifyImage, scale: float, point: tuple[float, float], step: float
-            ) -> tuple[float, np.ndarray, np.ndarray]:
-    """Half width (five scales ``step`` apart, +-5 px), then full width (+-3 px): the alignment's ncc, ``b``'s
-    signed gradients under ``a``'s template and ``b``'s blurred colour under ``a``'s half-width template."""
-    r = a.r_mid
-    th, tw = a.mid_t.shape
-    pad = 5
-    best = (-2.0, scale, point)
-    for s in (scale - 2 * step, scale - step, scale, scale + step, scale + 2 * step):
-        cx, cy = point[0] + (a.mid_centre[0] - a.centre[0]) / s, point[1] + (a.mid_centre[1] - a.centre[1]) / s
-        ncc, (x, y) = _best(_window(b.mid, s, cx * r, cy * r, tw, th, pad), a.mid_t)
-        if ncc > best[0]:
-            best = (ncc, s, (point[0] + (x - pad) / (s * r), point[1] + (y - pad) / (s * r)))
-    _, s, point = best
-    fth, ftw = a.fine_t.shape
-    pad = 3
-    window = _window(b.fine, s, point[0], point[1], ftw, fth, pad)
-    ncc, (x, y) = _best(np.ascontiguousarray(window[:, :, 0]), a.fine_t)
-    aligned = window[y:y + fth, x:x + ftw]
-    point = (point[0] + (x - pad) / s, point[1] + (y - pad) / s)
-    cx, cy = point[0] + (a.mid_centre[0] - a.centre[0]) / s, point[1] + (a.mid_centre[1] - a.centre[1]) / s
-    return ncc, aligned, _window(b.colour, s, cx * r, cy * r, tw, th, 0)
-
-
-def _cell_score(tx: np.ndarray, ty: np.ndarray, rx: np.ndarray, ry: np.ndarray, cells: int) -> float:
-    """1 - the second-largest per-cell normalised difference of two aligned signed-gradient fields: near 0
-    for the same picture, near 1 where the content differs (unrelated edges do not cancel), so other text or
-    another hand position makes some cell differ."""
-    et, er = tx * tx + ty * ty, rx * rx + ry * ry
-    nt, nr = 1.0 / (np.sqrt(float(et.mean())) + 1e-6), 1.0 / (np.sqrt(float(er.mean())) + 1e-6)
-    dx, dy = tx * nt - rx * nr, ty * nt - ry * nr
-    h, w = tx.shape
-    ys, xs = np.linspace(0, h, cells + 1).astype(int)[:-1], np.linspace(0, w, cells + 1).astype(int)[:-1]
-
-    def cell_means(m: np.ndarray) -> np.ndarray:
-        sums = np.add.reduceat(np.add.reduceat(m, ys, axis=0), xs, axis=1)
-        return sums / (np.outer(np.diff(np.r_[ys, h]), np.diff(np.r_[xs, w])) * 2.0)  # two fields a pixel
-
-    # the +0.5 floor (mean cell energy is 1) keeps flat cells, where noise dominates, from deciding
-    diffs = np.sort((cell_means(dx * dx + dy * dy) / (cell_means(et * (nt * nt) + er * (nr * nr)) + 0.5)).ravel())
-    return 1.0 - float(diffs[-2] if len(diffs) > 1 else diffs[-1])
-
-
-def _colour_residual(a: np.ndarray, b: np.ndarray) -> float:
-    xa, xb = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    ma, mb, va = xa.mean(), xb.mean(), xa.var()
-    gain = float(np.clip(((xa - ma) * (xb - mb)).mean() / va, 0.6, 1.6)) if va > 1e-6 else 1.0
-    res = np.abs(xb - gain * xa - (mb - gain * ma))
-    k = max(1, int(0.95 * len(res)))
-    kept = np.partition(res, k - 1)[:k]
-    return float(np.sqrt(np.mean(kept * kept)))
-
-
-def verify_images(a: VerifyImage, b: VerifyImage, cfg: VerifySettings, margin: float = 0.05) -> Verification:
-    """Structure and colour scores of two prepared images (see the module docstring). Both directions are
-    searched coarsely; the better one (both when their coarse correlations are within ``margin``) is refined,
-    and the better-aligned refinement decides."""
-    if not (a.ok and b.ok):
-        return _FAILED
+    keys = list(dict.fromkeys(k for pair in block for k in pair))
+    index = {k: i for i, k in enumerate(keys)}
+    images = list(pool.map(lambda k: _decode_thumbnail(thumbnails.get(k), cfg.width), keys))
+    heights = np.array([0 if im is None else im.shape[0] for im in images], np.int64)
+    imeta, fmeta, size = vk.layout(heights, cfg.width, cfg.crop_fraction,
+                                   np.linspace(cfg.min_scale, cfg.max_scale, cfg.scales))
+    store = np.empty(size, np.float32)
+    shares = [range(i, len(keys), cfg.workers) for i in range(cfg.workers)]
+    list(pool.map(lambda share: [vk.prepare(store, imeta, fmeta, i, images[i], cfg.blur, _COLOUR_BLUR)
+                                 for i in share if images[i] is not None], shares))
+    pair_a = np.array([index[a] for a, _ in block], np.int64)
+    pair_b = np.array([index[b] for _, b in block], np.int64)
+    out = np.empty((len(block), 3), np.float64)
     step = 0.5 * (cfg.max_scale - cfg.min_scale) / max(cfg.scales - 1, 1)
-    found = [(r, x, y) for x, y in ((a, b), (b, a)) if (r := _coarse_search(x, y)) is not None]
-    found.sort(key=lambda f: -f[0][0])
-    if len(found) == 2 and found[0][0][0] - found[1][0][0] > margin:
-        found = found[:1]
-    best = None
-    for (_, scale, point), x, y in found:
-        ncc, aligned, colour = _refine(x, y, scale, point, step)
-        if best is None or ncc > best[0]:
-            best = (ncc, x, aligned, colour)
-    if best is None:
-        return _FAILED
-    ncc, x, aligned, colour = best
-    return Verification(_cell_score(x.fine_gx, x.fine_gy, aligned[:, :, 1], aligned[:, :, 2], cfg.cells),
-                        _colour_residual(x.colour_t, colour), ncc)
+    spans = [(s, min(s + _PAIR_SPAN, len(block))) for s in range(0, len(block), _PAIR_SPAN)]
+    list(pool.map(lambda span: vk.verify(store, imeta, fmeta, pair_a, pair_b, span[0], span[1], step, _MARGIN,
+                                         cfg.cells, _MID_STEPS, _MID_RADIUS, _FINE_RADIUS, out), spans))
+    return [Verification(*map(float, row)) for row in out]
 
 
 def verify_thumbnails(pairs: Sequence[tuple[Hashable, Hashable]], thumbnails: Mapping[Hashable, bytes | None],
                       cfg: VerifySettings | None = None) -> list[Verification]:
-    """:func:`verify_images` for pairs of keys into ``thumbnails`` (a missing or undecodable thumbnail never
-    verifies). Pairs go in blocks of :data:`_PAIR_BLOCK`, each preparing its images once; with
-    ``cfg.workers`` > 1 the blocks run in that many worker processes (threads gain nothing here: the many
-    small OpenCV calls of a pair hold the GIL between them)."""
-    cfg = cfg or VerifySettings()
-    pairs = list(pairs)
-    jobs = []
-    for start in range(0, len(pairs), _PAIR_BLOCK):
-        block = pairs[start:start + _PAIR_BLOCK]
-        jobs.append((block, {k: thumbnails.get(k) for pair in block for k in pair}, cfg))
-    if cfg.workers > 1 and len(jobs) > 1:
-        results = _in_worker_processes(jobs, min(cfg.workers, len(jobs)))
-    else:
-        results = [_verify_block(job) for job in jobs]
-    return [v for block in results for v in block]
-
-
-def _verify_block(job: tuple) -> list[Verification]:
-    block, thumbnails, cfg = job
-    prepared = {k: VerifyImage(t, cfg) for k, t in thumbnails.items()}
-    return [verify_images(prepared[a], prepared[b], cfg) for a, b in block]
-
-
-def _in_worker_processes(jobs: list[tuple], workers: int) -> list[list[Verification]]:
-    """The jobs dealt out to ``workers`` fresh interpreters running this module (``python -m``), pickled
-    through their stdin and stdout. Not ``multiprocessing``: a forked child can inherit OpenCV's thread pool
-    mid-use and hang (seen in this project's test suite), and a spawned one re-runs the caller's main script."""
-    import os
-    import pickle
-    import subprocess
-    import sys
+    """Scores of pairs of keys into ``thumbnails`` (a missing or undecodable thumbnail never verifies), in the
+    order given. Pairs are ordered by connected component and go in blocks of :data:`_PAIR_BLOCK`, each
+    preparing its images once; ``cfg.workers`` threads share each block (compiled kernels without the GIL, so
+    no worker processes)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    shares = [jobs[i::workers] for i in range(workers)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # whatever found this module
-
-    def run(share: list[tuple]) -> list[list[Verification]]:
-        proc = subprocess.Popen([sys.executable, "-m", "curation_assets.core.pixel_verify"], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = proc.communicate(pickle.dumps(share, protocol=pickle.HIGHEST_PROTOCOL))
-        if proc.returncode != 0:
-            raise RuntimeError(f"a verification worker failed (exit {proc.returncode}): "
-                               f"{err.decode(errors='replace')[-2000:]}")
-        return [[Verification(*v) for v in block] for block in pickle.loads(out)]
-
-    with ThreadPoolExecutor(workers) as pool:  # the threads only wait on pipes
-        done = list(pool.map(run, shares))
-    results: list[list[Verification]] = [[] for _ in jobs]
-    for i, share in enumerate(done):
-        for j, block in enumerate(share):
-            results[i + j * workers] = block
-    return results
+    cfg = cfg or VerifySettings()
+    pairs = list(pairs)
+    if not pairs:
+        return []
+    order = _by_component(pairs)
+    ordered = [pairs[i] for i in order]
+    out: list[Verification] = [_FAILED] * len(pairs)
+    with ThreadPoolExecutor(cfg.workers, thread_name_prefix="verify") as pool:
+        for start in range(0, len(pairs), _PAIR_BLOCK):
+            done = _verify_block(ordered[start:start + _PAIR_BLOCK], thumbnails, cfg, pool)
+            for i, v in zip(order[start:start + _PAIR_BLOCK], done):
+                out[i] = v
+    return out
 
 
 def verify_pair(a: bytes, b: bytes, cfg: VerifySettings | None = None) -> Verification:
@@ -434,8 +288,12 @@ def _decode_gray(data: bytes) -> np.ndarray | None:
 
 
 def _magnitude(gray: np.ndarray, blur: float) -> np.ndarray:
-    return _gradients(gray, blur)[0]
+    """Gradient magnitude (3x3 Sobel) of a grey image after a Gaussian blur of ``blur`` px."""
+    import cv2
 
+    if blur > 0:
+        gray = cv2.GaussianBlur(gray, (0, 0), blur)
+    return cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3))
 
 
 @dataclass(frozen=True)
@@ -560,15 +418,3 @@ def calibrate(n: int = 300, seed: int = CALIBRATION_SEED, quantile: float = 0.05
             "negative_pass_rate_at_default": float(np.mean(cn >= containment.threshold)),
         },
     }
-
-
-if __name__ == "__main__":  # a worker of _in_worker_processes: pickled jobs in, pickled score tuples out
-    import pickle
-    import sys
-
-    from curation_assets.core import pixel_verify  # by name, as the caller pickled the settings
-
-    jobs = pickle.load(sys.stdin.buffer)
-    scores = [[(v.structure, v.colour_residual, v.alignment_ncc) for v in pixel_verify._verify_block(job)]
-              for job in jobs]
-    sys.stdout.buffer.write(pickle.dumps(scores, protocol=pickle.HIGHEST_PROTOCOL))
