@@ -140,3 +140,19 @@ def test_threads_blocks_and_order_give_the_same_verdicts():
     same = [i == (i * 7) % 12 for i in range(12)]  # the even i pair a scene with its own copy
     assert not any(v.passes(CFG) for v, s in zip(one[:12], same) if not s)
     assert sum(v.passes(CFG) for v, s in zip(one[:12], same) if s) >= 4
+
+
+def test_blocks_bound_pairs_and_images():
+    from curation_assets.core.pixel_verify import _BLOCK_IMAGES, _PAIR_BLOCK, _blocks, _by_component
+
+    rng = np.random.default_rng(5)
+    pairs = [(int(a), int(b)) for a, b in rng.integers(0, 3000, (4000, 2)) if a != b]
+    pairs += [(9000, 9001)] * 700  # one pair repeated: a block of it holds two images
+    ordered = [pairs[i] for i in _by_component(pairs)]
+    spans = _blocks(ordered)
+    assert spans[0][0] == 0 and spans[-1][1] == len(ordered)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    for start, stop in spans:
+        assert 0 < stop - start <= _PAIR_BLOCK
+        assert len({k for pair in ordered[start:stop] for k in pair}) <= _BLOCK_IMAGES
+    assert sorted(_by_component(pairs).tolist()) == list(range(len(pairs)))

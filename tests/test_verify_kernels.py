@@ -54,3 +54,22 @@ def test_warp_matches_opencv_affine_scaling(image):
                             borderMode=cv2.BORDER_REPLICATE)
     assert np.abs(ours - theirs).max() < 0.05 * np.abs(image).max()  # OpenCV quantises to 1/32 px
     assert np.abs(ours - theirs).mean() < 0.5
+
+
+def test_strided_template_ncc_is_the_ncc_of_the_sampled_pixels(image):
+    """A template whose pixels are taken 2 apart: at every offset, the correlation coefficient of those pixels
+    with the image pixels under them (computed here directly), and the best offset is the brute-force best."""
+    region = np.ascontiguousarray(image[:40, :44])
+    padded = np.zeros((40, 64), np.float32)
+    padded[:, :44] = region
+    box = image[50:72, 60:82]
+    sub = box[::2, ::2].astype(np.float64)
+    tz = (sub - sub.mean()).astype(np.float32)
+    ncc, y, x = vk._best_ncc_sampled(padded, 44, tz, float((tz.astype(np.float64) ** 2).sum()), 2)
+    span = 2 * (sub.shape[0] - 1) + 1
+    scores = np.full((40 - span + 1, 44 - span + 1), -2.0)
+    for oy in range(scores.shape[0]):
+        for ox in range(scores.shape[1]):
+            window = region[oy:oy + span:2, ox:ox + span:2].astype(np.float64)
+            scores[oy, ox] = np.corrcoef(window.ravel(), sub.ravel())[0, 1]
+    assert abs(ncc - scores.max()) < 1e-4 and scores[y, x] > scores.max() - 1e-4

@@ -19,13 +19,14 @@ chain them into large false groups. Verification asks two questions a near-dupli
    relative scales in [min_scale, max_scale] and all offsets, in both directions; this absorbs crops keeping
    >= 80% of the area and resizes. The search runs coarse to fine (normalised cross-correlation of gradient
    magnitudes, as OpenCV's ``TM_CCOEFF_NORMED``): every one of ``scales`` scales and every offset at a quarter
-   of the width, in both directions; then, for the better direction (both when their correlations are
-   within :data:`_MARGIN`), three scales half a coarse step apart and +-3 px at half the width, then +-1 px at
-   full width, where the other image is resampled (bilinear) into the template's frame. At that alignment
-   the template is split into ``cells x cells`` cells and each cell's contrast-normalised gradient difference
-   is measured; the structure score is 1 minus the second-worst cell's difference (one cell may hold a
-   stamped logo). Different text, a moved clock hand or another scene changes some cell a lot, while JPEG,
-   brightness and contrast change none.
+   of the width, in both directions (the template's pixels taken 2 apart, :data:`_STRIDES`); then the better
+   direction is refined: three scales half a coarse step apart and +-2 px at half the width, then +-1 px at
+   full width, where the other image is resampled (bilinear) into the template's frame. The other direction
+   is refined too when its coarse correlation is within :data:`_MARGIN` and the first did not verify; the
+   better-aligned of the two then decides. At that alignment the template is split into ``cells x cells``
+   cells and each cell's contrast-normalised gradient difference is measured; the structure score is 1 minus
+   the second-worst cell's difference (one cell may hold a stamped logo). Different text, a moved clock hand
+   or another scene changes some cell a lot, while JPEG, brightness and contrast change none.
 2. **Colour.** At the same alignment, the blurred RGB pixels of one image must follow the other's through
    one gain (0.6-1.6) and offset shared by all three channels (what brightness and contrast changes do);
    the colour residual is the RMS error (0-255 units) of the best 95% of pixels. A palette change (navy vs
@@ -59,31 +60,41 @@ from curation_assets.core.thumbnails import THUMBNAIL_WIDTH, thumbnail
 CALIBRATION_SEED = 4242
 """Seed of the calibration scenes: not the encoder's whitening set and not a demo corpus."""
 
-STRUCTURE_THRESHOLD = 0.53
+STRUCTURE_THRESHOLD = 0.50
 """Structure score a near-duplicate must reach: the 5% quantile of the positives of ``calibrate()``
-(n=300, seed 4242, at the default settings: measured 0.534), rounded down. The low tail is set by the
+(n=300, seed 4242, at the default settings: measured 0.509), rounded down. The low tail is set by the
 encoder's largest stamps (text up to about half the width), which to a structural test look like other text."""
 
-COLOUR_THRESHOLD = 6.8
+COLOUR_THRESHOLD = 6.7
 """Colour residual (0-255 units) a near-duplicate must not exceed: the 95% quantile of the same
-positives (measured 6.70), rounded up. At both defaults 92% of calibration positives and 0 of 300 distinct
-scene pairs pass (highest distinct structure score 0.71, median 0.14). Throughput on the demo candidates
-(thumbnails already made, their decoding and preparation included): ~1,500 pairs per second on one core of
-the dev VM, ~2,900 with 2 threads."""
+positives (measured 6.66), rounded up. At both defaults 92% of calibration positives and 0 of 300 distinct
+scene pairs pass (highest distinct structure score 0.71, median 0.17). Throughput on the demo candidates
+(thumbnails already made, their decoding and preparation included): ~2,700 pairs per second on one core of
+the dev VM, ~5,200 with 2 threads (``bench/bench_verify.py``)."""
 
-_PAIR_BLOCK = 512
-"""Pairs whose images are prepared together: bounds the prepared maps held at once (~0.3 MB an image) to
-~300 MB."""
+_PAIR_BLOCK, _BLOCK_IMAGES = 512, 256
+"""A block (pairs whose images are prepared together) ends at 512 pairs or 256 distinct images, whichever
+comes first: the prepared maps and tables take ~0.5 MB an image of the usual aspect (the thumbnail is 128 px
+wide; a 1:4 portrait takes ~2 MB), so a block holds at most ~135 MB of them for square images. Pairs come
+ordered by component, so a block's pairs share images (~200 for 512 pairs on the demo)."""
 
-_PAIR_SPAN = 16
-"""Pairs a thread scores per call, so threads finishing early take more."""
+_PAIR_SPAN, _IMAGE_SPAN = 16, 16
+"""Pairs a thread scores per call, and images it decodes or prepares per call: threads finishing early take
+more."""
 
 _MARGIN = 0.05
-"""Both directions are refined when their coarse correlations are within this."""
+"""The other direction is refined too (when the first did not verify) if its coarse correlation is within
+this of the better one's."""
 
-_MID_STEPS, _MID_RADIUS, _FINE_RADIUS = 1, 3, 1
-"""The refinement: the coarse scale and one half-step either side at half width, +-3 px there (a coarse pixel
-is 2 px at half width), then +-1 px at full width."""
+_MID_STEPS, _MID_RADIUS, _FINE_RADIUS = 1, 2, 1
+"""The refinement: the coarse scale and one half-step either side at half width, +-2 px there (a coarse pixel
+is 2 px at half width), then +-1 px at full width. Wider (5 scales, +-5 and +-3 px) cost 40% more and gave
+the same demo recall and calibration pass rates."""
+
+_STRIDES = (2, 1, 2)
+"""How far apart the template pixels correlated are at a quarter, half and full width: a quarter of the
+pixels at the coarse search and at the final +-1 px (every offset is still searched), all of them at half
+width, where the scale is settled (a stride there lowered precision on the demo to 0.994)."""
 
 _COLOUR_BLUR = 1.0
 """Gaussian blur (half-width px) of the colour maps."""
@@ -187,7 +198,7 @@ def thumbnail_of(data: bytes) -> bytes | None:
 
 
 def _decode_thumbnail(thumb: bytes | None, width: int) -> np.ndarray | None:
-    """A thumbnail as BGR float32 ``width`` px wide (aspect kept), or None when it does not decode."""
+    """A thumbnail as BGR uint8 ``width`` px wide (aspect kept), or None when it does not decode."""
     import cv2
 
     full = None if thumb is None else cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR)
@@ -196,7 +207,7 @@ def _decode_thumbnail(thumb: bytes | None, width: int) -> np.ndarray | None:
     if full.shape[1] != width:
         h = max(8, int(round(width * full.shape[0] / full.shape[1])))
         full = cv2.resize(full, (width, h), interpolation=cv2.INTER_AREA)
-    return full.astype(np.float32)
+    return full
 
 
 def _by_component(pairs: list[tuple[Hashable, Hashable]]) -> np.ndarray:
@@ -213,36 +224,59 @@ def _by_component(pairs: list[tuple[Hashable, Hashable]]) -> np.ndarray:
     return np.lexsort((np.minimum(a, b), labels[a]))
 
 
+class _Buffers:
+    """The flat buffers a block's prepared maps and tables live in, kept from block to block (grown when
+    needed): fresh ones per block would have every page faulted in again (~2-3% of verification on the dev VM)."""
+
+    def __init__(self):
+        self._store = np.empty(0, np.float32)
+        self._tables = np.empty(0, np.float64)
+
+    def take(self, size: int, table_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if size > len(self._store):
+            self._store = np.empty(int(size * 1.25), np.float32)
+        if table_size > len(self._tables):
+            self._tables = np.empty(int(table_size * 1.25), np.float64)
+        return self._store[:size], self._tables[:table_size]
+
+
 def _verify_block(block: list[tuple[Hashable, Hashable]], thumbnails: Mapping[Hashable, bytes | None],
-                  cfg: VerifySettings, pool) -> list[Verification]:
+                  cfg: VerifySettings, pool, buffers: _Buffers) -> list[Verification]:
     """One block: its images decoded and prepared once (:func:`~curation_assets.core.verify_kernels.prepare`),
     then its pairs scored, both split over the ``pool``'s threads (the kernels release the GIL)."""
     from curation_assets.core import verify_kernels as vk
 
     keys = list(dict.fromkeys(k for pair in block for k in pair))
     index = {k: i for i, k in enumerate(keys)}
-    images = list(pool.map(lambda k: _decode_thumbnail(thumbnails.get(k), cfg.width), keys))
+    shares = [range(i, min(i + _IMAGE_SPAN, len(keys))) for i in range(0, len(keys), _IMAGE_SPAN)]
+    images: list[np.ndarray | None] = [None] * len(keys)
+
+    def decode(share: range) -> None:
+        for i in share:
+            images[i] = _decode_thumbnail(thumbnails.get(keys[i]), cfg.width)
+
+    list(pool.map(decode, shares))
     heights = np.array([0 if im is None else im.shape[0] for im in images], np.int64)
-    imeta, fmeta, size = vk.layout(heights, cfg.width, cfg.crop_fraction,
-                                   np.linspace(cfg.min_scale, cfg.max_scale, cfg.scales))
-    store = np.empty(size, np.float32)
-    shares = [range(i, len(keys), cfg.workers) for i in range(cfg.workers)]
-    list(pool.map(lambda share: [vk.prepare(store, imeta, fmeta, i, images[i], cfg.blur, _COLOUR_BLUR)
+    imeta, fmeta, size, table_size = vk.layout(heights, cfg.width, cfg.crop_fraction,
+                                   np.linspace(cfg.min_scale, cfg.max_scale, cfg.scales), *_STRIDES)
+    store, tables = buffers.take(size, table_size)
+    list(pool.map(lambda share: [vk.prepare(store, tables, imeta, fmeta, i, images[i], cfg.blur, _COLOUR_BLUR)
                                  for i in share if images[i] is not None], shares))
     pair_a = np.array([index[a] for a, _ in block], np.int64)
     pair_b = np.array([index[b] for _, b in block], np.int64)
     out = np.empty((len(block), 3), np.float64)
     step = 0.5 * (cfg.max_scale - cfg.min_scale) / max(cfg.scales - 1, 1)
     spans = [(s, min(s + _PAIR_SPAN, len(block))) for s in range(0, len(block), _PAIR_SPAN)]
-    list(pool.map(lambda span: vk.verify(store, imeta, fmeta, pair_a, pair_b, span[0], span[1], step, _MARGIN,
-                                         cfg.cells, _MID_STEPS, _MID_RADIUS, _FINE_RADIUS, out), spans))
+    list(pool.map(lambda span: vk.verify(store, tables, imeta, fmeta, pair_a, pair_b, span[0], span[1], step, _MARGIN,
+                                         cfg.cells, _MID_STEPS, _MID_RADIUS, _FINE_RADIUS,
+                                         cfg.structure_threshold, cfg.colour_threshold, out), spans))
     return [Verification(*map(float, row)) for row in out]
 
 
 def verify_thumbnails(pairs: Sequence[tuple[Hashable, Hashable]], thumbnails: Mapping[Hashable, bytes | None],
                       cfg: VerifySettings | None = None) -> list[Verification]:
     """Scores of pairs of keys into ``thumbnails`` (a missing or undecodable thumbnail never verifies), in the
-    order given. Pairs are ordered by connected component and go in blocks of :data:`_PAIR_BLOCK`, each
+    order given. Pairs are ordered by connected component and go in blocks (:data:`_PAIR_BLOCK`), each
     preparing its images once; ``cfg.workers`` threads share each block (compiled kernels without the GIL, so
     no worker processes)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -254,12 +288,27 @@ def verify_thumbnails(pairs: Sequence[tuple[Hashable, Hashable]], thumbnails: Ma
     order = _by_component(pairs)
     ordered = [pairs[i] for i in order]
     out: list[Verification] = [_FAILED] * len(pairs)
+    buffers = _Buffers()
     with ThreadPoolExecutor(cfg.workers, thread_name_prefix="verify") as pool:
-        for start in range(0, len(pairs), _PAIR_BLOCK):
-            done = _verify_block(ordered[start:start + _PAIR_BLOCK], thumbnails, cfg, pool)
-            for i, v in zip(order[start:start + _PAIR_BLOCK], done):
+        for start, stop in _blocks(ordered):
+            done = _verify_block(ordered[start:stop], thumbnails, cfg, pool, buffers)
+            for i, v in zip(order[start:stop], done):
                 out[i] = v
     return out
+
+
+def _blocks(pairs: list[tuple[Hashable, Hashable]]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive blocks of at most :data:`_PAIR_BLOCK` pairs and
+    :data:`_BLOCK_IMAGES` distinct images (a pair is never split)."""
+    spans, start, images = [], 0, set()
+    for i, (a, b) in enumerate(pairs):
+        grown = len(images) + (a not in images) + (b not in images)
+        if i > start and (i - start == _PAIR_BLOCK or grown > _BLOCK_IMAGES):
+            spans.append((start, i))
+            start, images = i, set()
+        images.update((a, b))
+    spans.append((start, len(pairs)))
+    return spans
 
 
 def verify_pair(a: bytes, b: bytes, cfg: VerifySettings | None = None) -> Verification:
