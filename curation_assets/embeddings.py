@@ -46,13 +46,20 @@ class ShardEncoder:
         self.thumbnails = VerifySettings(enabled=verify).active(self.model.name)
 
     def encode(self, job: tuple) -> tuple[list[str], np.ndarray, str, list[bytes | None] | None]:
-        """``(shard, ref, {image member: uid})`` -> the uids found, their vectors, the encoder's name and the
-        thumbnails (None when not made)."""
-        _, ref, member_uid = job
+        """``(shard, ref, {image member: uid}, locations)`` -> the uids found, their vectors, the encoder's name
+        and the thumbnails (None when not made). ``locations`` (member, offset, size, sha256) come from ingest:
+        the images are then read at their offsets without parsing the tar again; None reads the tar through."""
+        _, ref, member_uid, locations = job
         uids: list[str] = []
         blocks: list[np.ndarray] = []
         thumbs: list[bytes | None] = []
-        for chunk in ref.iter_image_batches(member_uid, self.batch * 4) if member_uid else ():
+        if not member_uid:
+            batches = iter(())
+        elif locations is not None:
+            batches = ref.iter_images_at(locations, self.batch * 4)
+        else:
+            batches = ref.iter_image_batches(member_uid, self.batch * 4)
+        for chunk in batches:
             blobs = [data for _, data in chunk]
             if not self.thumbnails:
                 blocks.append(self.model.encode_bytes(blobs))
@@ -92,16 +99,23 @@ def image_embeddings(
     started = time.perf_counter()
     total = 0
     jobs = []
+    located = 0
     for shard in partition_keys(context):
-        ok = (storage.scan("samples", [shard]).filter(pl.col("status") == "ok")
-              .select("uid", "image_member").collect())
+        scan = storage.scan("samples", [shard]).filter(pl.col("status") == "ok")
+        located_cols = ["image_offset", "bytes", "sha256"]
+        has_offsets = "image_offset" in scan.collect_schema().names()  # tables ingested before offsets: no
+        ok = scan.select("uid", "image_member", *(located_cols if has_offsets else [])).collect()
         member_uid = dict(zip(ok["image_member"].to_list(), ok["uid"].to_list()))
+        locations = None
+        if has_offsets and ok.height and ok["image_offset"].null_count() == 0:
+            locations = list(ok.select("image_member", *located_cols).iter_rows())
         try:
             ref = shard_source.get(shard) if member_uid else None
         except FileNotFoundError as exc:
             context.log.warning(f"{exc}; its embeddings stay as they were")
             continue
-        jobs.append((shard, ref, member_uid))
+        located += len(locations or ())
+        jobs.append((shard, ref, member_uid, locations))
     try:
         verify = VerifySettings.from_section((settings.section("dedup") or {}).get("verify")).enabled
     except ValueError as exc:
@@ -110,7 +124,7 @@ def image_embeddings(
                         wants_gpu=encoder.kind == "open_clip" and encoder.device != "cpu")
     name, dim = "", 0
     try:
-        for (shard, _, member_uid), (uids, vectors, name, thumbs) in zip(jobs, pool.map("encode", jobs)):
+        for (shard, _, member_uid, _), (uids, vectors, name, thumbs) in zip(jobs, pool.map("encode", jobs)):
             dim = vectors.shape[1]
             missing = set(member_uid.values()) - set(uids)
             if missing:
@@ -131,6 +145,7 @@ def image_embeddings(
             "dim": dim,
             "ran_on": compute.describe(),
             "images_per_second": dg.FloatMetadataValue(total / seconds if seconds else 0.0),
+            "images_read_at_ingest_offsets": located,
             "table": dg.MetadataValue.path(str(storage.table_path("image_embeddings"))),
         }
     )

@@ -106,6 +106,23 @@ class ShardRef:
             for chunk in iter_image_batches(ref.tar, names, batch):
                 yield [(names[m], data) for m, data in chunk]
 
+    def iter_images_at(self, entries: Iterable[tuple[str, int, int, str]], batch: int
+                       ) -> Iterator[list[tuple[str, bytes]]]:
+        """Image members read at the offsets ingest recorded, ``(member as stored, offset, size, sha256)``
+        each, ``batch`` at a time (see :func:`curation_assets.core.shards.iter_images_at`)."""
+        from curation_assets.core.shards import iter_images_at
+
+        by_tar: dict[ShardRef, list[tuple[str, int, int, str]]] = {}
+        stored: dict[ShardRef, dict[str, str]] = {}
+        for member, offset, size, digest in entries:
+            ref, inner = self._part(member)
+            if ref is not None:
+                by_tar.setdefault(ref, []).append((inner, offset, size, digest))
+                stored.setdefault(ref, {})[inner] = member
+        for ref, tar_entries in by_tar.items():
+            for chunk in iter_images_at(ref.tar, tar_entries, batch):
+                yield [(stored[ref][m], data) for m, data in chunk]
+
     def read_parquet(self, columns: Sequence[str]) -> Optional[pl.DataFrame]:
         """``key`` and ``columns`` from the parquet sidecar(s) that have them (keys as in ``samples``), or None
         when no tar of this partition has such a parquet."""

@@ -363,3 +363,30 @@ def test_verification_pieces_bound_memory_and_cover_every_pair():
     assert len(pieces) == 4 and max(p.height for p in pieces) <= 300
     assert pl.concat(pieces).sort("uid_b").equals(todo.sort("uid_b"))
     assert len(_verify_chunks(todo, ComputeResource())) == 1 and _verify_chunks(todo.head(0), ComputeResource()) == []
+
+
+def test_embeddings_read_at_ingest_offsets_equal_a_full_read_of_the_tar(deduped, tmp_path):
+    """image_embeddings reads each image at the offset ingest recorded. A samples table written before offsets
+    existed has no such column; re-ingesting one shard adds it (null for the others), and the shards without
+    offsets read their tars through. Both give the same vectors and thumbnails."""
+    import shutil
+
+    state = deduped.copy(tmp_path / "root")
+    older = state.storage.read("samples").drop("image_offset")
+    shutil.rmtree(state.storage.table_path("samples"))
+    for shard in older["shard"].unique().sort().to_list():
+        state.storage.write_shard("samples", older.filter(pl.col("shard") == shard), shard)
+    first, second = state.storage.shards("samples")[:2]
+    state.materialize(["samples"], [first])
+    assert state.storage.read("samples", [second])["image_offset"].null_count() == older.filter(
+        pl.col("shard") == second).height
+    ok = state.storage.read("samples", [first]).filter(pl.col("status") == "ok").height
+    meta = _asset_metadata(state.materialize(["image_embeddings"], [first]), "image_embeddings")
+    assert meta["images_read_at_ingest_offsets"] == ok > 0
+    meta = _asset_metadata(state.materialize(["image_embeddings"], [second]), "image_embeddings")
+    assert meta["images_read_at_ingest_offsets"] == 0
+    for shard in (first, second):
+        before = deduped.storage.read("image_embeddings", [shard]).sort("uid")
+        after = state.storage.read("image_embeddings", [shard]).sort("uid")
+        assert after["uid"].equals(before["uid"]) and after["thumbnail"].equals(before["thumbnail"])
+        assert np.array_equal(np.stack(after["embedding"].to_numpy()), np.stack(before["embedding"].to_numpy()))

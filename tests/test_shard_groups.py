@@ -58,6 +58,11 @@ def test_twenty_tars_in_groups_of_five_make_four_partitions_with_every_row(tmp_p
     part = ok.filter(pl.col("shard") == "00005-00009")
     blobs = ref.read_images(part["image_member"].to_list())
     assert len(blobs) == part.height and all(blobs.values())
+    # and at the offsets ingest recorded inside each tar of the group (what image_embeddings reads)
+    located = storage.read("samples", ["00005-00009"]).filter(pl.col("status") == "ok")
+    at = {m: d for batch in ref.iter_images_at(located.select("image_member", "image_offset", "bytes", "sha256")
+                                               .iter_rows(), 7) for m, d in batch}
+    assert at == blobs
 
 
 def test_groups_follow_the_tar_numbers_and_skip_other_names(tmp_path):

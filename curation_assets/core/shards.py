@@ -17,7 +17,7 @@ import tarfile
 import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -43,6 +43,7 @@ SAMPLES_SCHEMA = {
     "bytes": pl.Int64,
     "sha256": pl.String,
     "image_member": pl.String,
+    "image_offset": pl.Int64,
     "status": pl.String,
     "error": pl.String,
     "warnings": pl.String,
@@ -72,7 +73,7 @@ class IngestLimits:
 @dataclass
 class _Group:
     key: str
-    images: list[tuple[str, bytes]] = field(default_factory=list)
+    images: list[tuple[str, bytes, int]] = field(default_factory=list)  # member, bytes, data offset in the tar
     caption: bytes | None = None
     meta: bytes | None = None
     problems: list[str] = field(default_factory=list)
@@ -264,7 +265,7 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
             g.problems.append(f"{info.name}: {error}")
             continue
         if ext in limits.image_extensions:
-            g.images.append((info.name, data))
+            g.images.append((info.name, data, info.offset_data))
         elif ext == "txt":
             if g.caption is not None:
                 g.problems.append(f"duplicate caption member {info.name!r} (first one kept)")
@@ -273,7 +274,7 @@ def read_shard(shard: str, tar_path: Path, parquet_path: Path | None = None,
         elif ext == "json":
             g.meta = data
         elif ext in ("svg", "heic", "heif", "avif", "jp2", "psd", "ico", "pdf"):
-            g.images.append((info.name, data))
+            g.images.append((info.name, data, info.offset_data))
         else:
             g.problems.append(f"ignored member {info.name!r} (unknown extension)")
     flush()
@@ -334,10 +335,10 @@ def _group_rows(shard: str, g: _Group, parquet_caption: str | None, parquet_url:
     rows = []
     caption = _caption(g, parquet_caption, warnings)
     url = _url(g.meta, parquet_url, warnings)
-    for i, (member, data) in enumerate(g.images):
+    for i, (member, data, offset) in enumerate(g.images):
         key = g.key if i == 0 else f"{g.key}#{i + 1}"
         row = _rejected(shard, key, None)
-        row.update(caption=caption, url=url, image_member=member)
+        row.update(caption=caption, url=url, image_member=member, image_offset=offset)
         if i > 0:
             row["error"] = f"duplicate key {g.key!r}: {member!r} repeats an image already read for this key"
             row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -361,7 +362,7 @@ def _rejected(shard: str, key: str, error: str | None) -> dict:
     return {
         "uid": f"{shard}/{key}", "shard": shard, "key": key, "caption": None, "url": None, "width": None,
         "height": None, "mode": None, "format": None, "bytes": None, "sha256": None, "image_member": None,
-        "status": "rejected", "error": error, "warnings": None,
+        "image_offset": None, "status": "rejected", "error": error, "warnings": None,
     }
 
 
@@ -400,6 +401,34 @@ def read_images(tar_path: Path, members: Iterable[str]) -> dict[str, bytes]:
             if len(found) == len(wanted):
                 break
     return found
+
+
+def iter_images_at(tar_path: Path, entries: Sequence[tuple[str, int, int, str]], batch: int
+                   ) -> Iterator[list[tuple[str, bytes]]]:
+    """The bytes of image members read at the offsets ingest recorded, ``(member, offset, size, sha256)``
+    each, in offset order, ``batch`` at a time: no tar header is parsed. Each image's sha256 is checked against
+    the one ingest recorded; when one differs (the tar was rewritten since), the rest of the tar is read by
+    member name instead (:func:`iter_image_batches`), so what is read is always what the tar holds now."""
+    entries = sorted(entries, key=lambda e: e[1])
+    chunk: list[tuple[str, bytes]] = []
+    with as_path(tar_path).open("rb") as stream:
+        for i, (member, offset, size, digest) in enumerate(entries):
+            stream.seek(offset)
+            data = stream.read(size)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+                rest = [e[0] for e in entries[i:]]
+                for part in iter_image_batches(tar_path, rest, batch):
+                    chunk.extend(part)
+                    while len(chunk) >= batch:
+                        yield chunk[:batch]
+                        chunk = chunk[batch:]
+                break
+            chunk.append((member, data))
+            if len(chunk) >= batch:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
 
 
 def iter_image_batches(tar_path: Path, members: Iterable[str], batch: int) -> Iterator[list[tuple[str, bytes]]]:
