@@ -293,7 +293,8 @@ def prepare(store, tables, imeta, fmeta, i, bgr, blur, colour_blur):
     gray = np.empty((h, w), np.float32)
     for y in range(h):
         for x in range(w):
-            gray[y, x] = np.float32(0.114) * bgr[y, x, 0] + np.float32(0.587) * bgr[y, x, 1] + np.float32(0.299) * bgr[y, x, 2]
+            gray[y, x] = (np.float32(0.114) * bgr[y, x, 0] + np.float32(0.587) * bgr[y, x, 1]
+                          + np.float32(0.299) * bgr[y, x, 2])
     mag = _plane(store, im[FMAG], h, w)
     _gradients(gray, blur, mag, _plane(store, im[FGX], h, w), _plane(store, im[FGY], h, w))
     fs = im[FSTRIDE]
@@ -355,17 +356,30 @@ lanes = njit(**_JIT)(lanes)
 @njit(cache=True, nogil=True, fastmath=True)
 def _correlate(image, tz, ny, nx, out):
     """``out[oy, ox] = sum(tz * image[oy:oy + th, ox:ox + tw])`` for ``ny`` x ``nx`` offsets (``image`` at
-    least ``nx + tw - 1`` wide): template element by element, each one a run of whole vectors."""
+    least ``nx + tw - 1`` wide): template element by element, each one a run of whole vectors; a wide
+    template four elements at a time (measured 2.3x faster at 45 px wide, no faster at 11)."""
     th, tw = tz.shape
     out[:ny, :nx] = 0.0
+    step = 4 if tw >= 16 else 1
     for i in range(th):
-        for j in range(tw):
-            t = tz[i, j]
+        trow = tz[i]
+        j = 0
+        while step == 4 and j + 3 < tw:
+            t0, t1, t2, t3 = trow[j], trow[j + 1], trow[j + 2], trow[j + 3]
+            for oy in range(ny):
+                row = image[oy + i]
+                acc = out[oy]
+                for ox in range(nx):
+                    acc[ox] += (t0 * row[ox + j] + t1 * row[ox + j + 1]) + (t2 * row[ox + j + 2] + t3 * row[ox + j + 3])
+            j += 4
+        while j < tw:
+            t = trow[j]
             for oy in range(ny):
                 row = image[oy + i]
                 acc = out[oy]
                 for ox in range(nx):
                     acc[ox] += t * row[ox + j]
+            j += 1
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -562,7 +576,8 @@ def _refine(store, imeta, fmeta, a, b, scale, px, py, step, mid_steps, mid_pad, 
     for d in range(-mid_steps, mid_steps + 1):
         s = scale + d * step
         cx, cy = px + (fa[MCX] - fa[CX]) / s, py + (fa[MCY] - fa[CY]) / s
-        ncc, y, x = _best_ncc_sampled(_window(mid, s, cx * 0.5, cy * 0.5, tw, th, pad), tw + 2 * pad, mtz, fa[MNORM], ms)
+        window = _window(mid, s, cx * 0.5, cy * 0.5, tw, th, pad)
+        ncc, y, x = _best_ncc_sampled(window, tw + 2 * pad, mtz, fa[MNORM], ms)
         if ncc > best:
             best, bs = ncc, s
             bx, by = px + (x - pad) / (s * 0.5), py + (y - pad) / (s * 0.5)
@@ -648,11 +663,12 @@ def _colour_residual(a, b):
 
 
 @njit(**_JIT)
-def verify(store, tables, imeta, fmeta, pair_a, pair_b, start, stop, step, margin, cells, mid_steps, mid_pad,
-           fine_pad, min_structure, max_colour, out):
-    """Score pairs ``start:stop``: both directions searched coarsely, the better one refined (both when their
-    coarse correlations are within ``margin``), the better-aligned refinement deciding. ``out[p]`` gets
-    (structure, colour residual, alignment ncc); an image that did not prepare scores (-1, 255, -1)."""
+def verify(store, tables, imeta, fmeta, pair_a, pair_b, start, stop, step, margin, second_floor, cells, mid_steps,
+           mid_pad, fine_pad, min_structure, max_colour, out):
+    """Score pairs ``start:stop``: both directions searched coarsely, the better one refined; the other too
+    when the first does not verify (``min_structure``, ``max_colour``), its coarse correlation is within
+    ``margin`` and the better one reaches ``second_floor``; the better-aligned refinement decides. ``out[p]``
+    gets (structure, colour residual, alignment ncc); an image that did not prepare scores (-1, 255, -1)."""
     for p in range(start, stop):
         a, b = pair_a[p], pair_b[p]
         out[p, 0], out[p, 1], out[p, 2] = -1.0, 255.0, -1.0
@@ -667,7 +683,8 @@ def verify(store, tables, imeta, fmeta, pair_a, pair_b, start, stop, step, margi
             ncc, s, px, py = (n1, s1, x1, y1) if ab else (n2, s2, x2, y2)
             if ncc < -1.5:
                 continue
-            if turn == 1 and (abs(n1 - n2) > margin or (out[p, 0] >= min_structure and out[p, 1] <= max_colour)):
+            if turn == 1 and (abs(n1 - n2) > margin or max(n1, n2) < second_floor
+                              or (out[p, 0] >= min_structure and out[p, 1] <= max_colour)):
                 break
             t, r = (a, b) if ab else (b, a)
             aligned, rx, ry, colour = _refine(store, imeta, fmeta, t, r, s, px, py, step, mid_steps, mid_pad, fine_pad)
