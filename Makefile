@@ -24,6 +24,8 @@ demo: venv
 	$(BIN)/python -m curation_assets.demo --root $(ROOT)
 
 test: venv
+	@# compile the numba kernels once (numba caches them on disk) before parallel workers would each do it
+	$(BIN)/python -c "from curation_assets.core.pixel_verify import compile_kernels as c; print(f'kernels ready in {c():.1f} s')"
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ui: venv

@@ -329,6 +329,21 @@ def verify_pairs(pairs: Sequence[tuple[bytes, bytes]], cfg: VerifySettings | Non
     return verify_thumbnails(keys, thumbs, cfg)
 
 
+def compile_kernels() -> float:
+    """Compile (or load from numba's on-disk cache) every verification kernel by verifying a few synthetic
+    pairs, one image of them tall; returns the seconds it took (~20 s the first time on the dev VM, well
+    under one after). ``make test`` calls it first, so parallel test workers do not each compile."""
+    from curation_assets.core.perceptual import reference_images
+
+    started = time.perf_counter()
+    square, other = reference_images(2, seed=CALIBRATION_SEED, size=96)
+    thumbs = {0: thumbnail_of(_jpeg(square)), 1: thumbnail_of(_jpeg(square, 60)),
+              2: thumbnail_of(_jpeg(other.resize((48, 160))))}
+    for workers in (1, 2):
+        verify_thumbnails([(0, 1), (1, 2), (2, 0)], thumbs, VerifySettings(workers=workers))
+    return time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------- containment (regurgitation)
 
 
