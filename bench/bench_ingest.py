@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from curation_assets.core.shards import iter_image_batches, read_shard
+from curation_assets.core.shards import iter_images_at, read_shard
 from curation_assets.pipeline import open_pipeline
 from resources.encoders import EncoderResource
 
@@ -55,9 +55,9 @@ def main() -> None:
         ingest.append(time.perf_counter() - started)
         started = time.perf_counter()
         encoded = 0
-        for tar, frame in zip(tars, frames):
-            members = frame.filter(frame["status"] == "ok")["image_member"].to_list()
-            for chunk in iter_image_batches(tar, members, 1024):  # with the thumbnails, as the pipeline makes them
+        for tar, frame in zip(tars, frames):  # read at ingest's offsets, with thumbnails: as the pipeline does
+            located = frame.filter(frame["status"] == "ok").select("image_member", "image_offset", "bytes", "sha256")
+            for chunk in iter_images_at(tar, list(located.iter_rows()), 1024):
                 encoded += len(model.encode_bytes([d for _, d in chunk], thumbnails=True)[0])
         encode.append(time.perf_counter() - started)
     n = sum(f.height for f in frames)
