@@ -44,7 +44,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numba
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
@@ -118,15 +117,29 @@ def _block(x: np.ndarray) -> np.ndarray:
 def _soft_bins(values: np.ndarray, weights: np.ndarray, bins: int, extra: int = 0) -> np.ndarray:
     """Circular linear-interpolation binning: ``values`` in [0, bins) -> ``(B, bins + extra, H, W)`` weighted
     maps (the ``extra`` trailing maps are left for the caller to fill, which saves a copy of them all).
-    Compiled (:func:`_soft_bins_kernel`): the same float32 operations in the same order as the numpy
+    Compiled (:func:`_soft_bins_kernel`, by numba): the same float32 operations in the same order as the numpy
     formulation ``max(1 - |v - k|, 0) * w`` (circular for bin 0), so the maps are equal bit for bit, ~6x
     faster, and without the GIL, so the encoder's threads run it side by side."""
-    return _soft_bins_kernel(np.ascontiguousarray(values, dtype=np.float32),
-                             np.ascontiguousarray(weights, dtype=np.float32), bins, extra)
+    return _compiled_soft_bins()(np.ascontiguousarray(values, dtype=np.float32),
+                                 np.ascontiguousarray(weights, dtype=np.float32), bins, extra)
 
 
-@numba.njit(cache=True, nogil=True)
-def _soft_bins_kernel(values, weights, bins, extra):  # pragma: no cover - compiled
+_COMPILED: dict[str, object] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compiled_soft_bins():
+    """:func:`_soft_bins_kernel` compiled by numba (cached on disk), imported on first use only: numba's import
+    (~0.2 s) is not paid by every Dagster process that loads the definitions."""
+    with _COMPILE_LOCK:
+        if "soft_bins" not in _COMPILED:
+            from numba import njit
+
+            _COMPILED["soft_bins"] = njit(cache=True, nogil=True)(_soft_bins_kernel)
+        return _COMPILED["soft_bins"]
+
+
+def _soft_bins_kernel(values, weights, bins, extra):
     n, h, w = values.shape
     out = np.empty((n, bins + extra, h, w), dtype=np.float32)
     period, one, zero = np.float32(bins), np.float32(1.0), np.float32(0.0)
@@ -379,7 +392,7 @@ def _source_digest() -> str:
     parts = [
         inspect.getsource(f)
         for f in (
-            _pool_matrix, _pool_stack, _pool_grids, _pool, _block, _soft_bins, _soft_bins_kernel.py_func, _wrap,
+            _pool_matrix, _pool_stack, _pool_grids, _pool, _block, _soft_bins, _soft_bins_kernel, _wrap,
             _gradient_blocks, _downsample2,
             _standardise, _raw_descriptor, _to_pixels, _font, _colour, _background, _random_text,
             reference_images, near_duplicate, _fit_whitening, fit_reference_whitening,
