@@ -284,6 +284,16 @@ def _plane(store, off, h, w):
 
 
 @njit(**_JIT)
+def _take_phase(src, py, px, stride, rows, cols, target):
+    """Every ``stride``-th pixel of ``src`` from row ``py`` and column ``px`` into ``target[:rows, :cols]``,
+    the padding columns after them zeroed."""
+    target[:, cols:] = 0.0
+    for y in range(rows):
+        for x in range(cols):
+            target[y, x] = src[py + stride * y, px + stride * x]
+
+
+@njit(**_JIT)
 def prepare(store, tables, imeta, fmeta, i, bgr, blur, colour_blur):
     """Fill image ``i``'s maps in ``store`` from its BGR thumbnail (``width`` x H, float32): gradients at full
     width (searched last, compared cell by cell), gradient magnitude and blurred colour at half width, and at
@@ -332,10 +342,7 @@ def prepare(store, tables, imeta, fmeta, i, bgr, blur, colour_blur):
             py, px = phase // cs, phase % cs
             rows, cols, stored, off, doff = im[rec + 2 + 5 * phase:rec + 7 + 5 * phase]
             target = _plane(store, off, rows, stored)
-            target[:, cols:] = 0.0
-            for y in range(rows):
-                for x in range(cols):
-                    target[y, x] = level[py + cs * y, px + cs * x]
+            _take_phase(level, py, px, cs, rows, cols, target)
             size = (rows + 1) * (cols + 1)
             _summed_areas(target, cols, tables[doff:doff + size].reshape((rows + 1, cols + 1)),
                           tables[doff + size:doff + 2 * size].reshape((rows + 1, cols + 1)))
@@ -370,7 +377,8 @@ def _correlate(image, tz, ny, nx, out):
                 row = image[oy + i]
                 acc = out[oy]
                 for ox in range(nx):
-                    acc[ox] += (t0 * row[ox + j] + t1 * row[ox + j + 1]) + (t2 * row[ox + j + 2] + t3 * row[ox + j + 3])
+                    acc[ox] += ((t0 * row[ox + j] + t1 * row[ox + j + 1])
+                                + (t2 * row[ox + j + 2] + t3 * row[ox + j + 3]))
             j += 4
         while j < tw:
             t = trow[j]
@@ -467,10 +475,8 @@ def _best_ncc_sampled(image, valid_w, tz, tnorm, stride):
             cols = (valid_w - px + stride - 1) // stride
             if rows < th or cols < tw:
                 continue
-            phase = np.zeros((rows, tw - 1 + lanes(cols - tw + 1)), np.float32)
-            for y in range(rows):
-                for x in range(cols):
-                    phase[y, x] = image[py + stride * y, px + stride * x]
+            phase = np.empty((rows, tw - 1 + lanes(cols - tw + 1)), np.float32)
+            _take_phase(image, py, px, stride, rows, cols, phase)
             ncc, y, x = _best_ncc(phase, cols, tz, tnorm)
             oy, ox = py + stride * y, px + stride * x
             if ncc > best or (ncc == best and (oy < by or (oy == by and ox < bx))):
@@ -564,8 +570,9 @@ def _coarse(store, tables, imeta, fmeta, a, b):
 
 @njit(**_JIT)
 def _refine(store, imeta, fmeta, a, b, scale, px, py, step, mid_steps, mid_pad, fine_pad):
-    """Half width (five scales ``step`` apart, +-5 px), then full width (+-3 px): ``(ncc, b's signed x and y
-    gradients under a's template, b's blurred colour under a's half-width template)``."""
+    """Half width (``2 mid_steps + 1`` scales ``step`` apart, +-``mid_pad`` px), then full width
+    (+-``fine_pad`` px): ``(ncc, b's signed x and y gradients under a's template, b's blurred colour under a's
+    half-width template)``."""
     ia, fa, ib = imeta[a], fmeta[a], imeta[b]
     th, tw = ia[MTH], ia[MTW]
     ms = ia[MSTRIDE]
@@ -663,8 +670,8 @@ def _colour_residual(a, b):
 
 
 @njit(**_JIT)
-def verify(store, tables, imeta, fmeta, pair_a, pair_b, start, stop, step, margin, second_floor, cells, mid_steps,
-           mid_pad, fine_pad, min_structure, max_colour, out):
+def verify(store, tables, imeta, fmeta, pair_a, pair_b, start, stop, step, margin, second_floor, cells,
+           mid_steps, mid_pad, fine_pad, min_structure, max_colour, out):
     """Score pairs ``start:stop``: both directions searched coarsely, the better one refined; the other too
     when the first does not verify (``min_structure``, ``max_colour``), its coarse correlation is within
     ``margin`` and the better one reaches ``second_floor``; the better-aligned refinement decides. ``out[p]``
@@ -687,7 +694,8 @@ def verify(store, tables, imeta, fmeta, pair_a, pair_b, start, stop, step, margi
                               or (out[p, 0] >= min_structure and out[p, 1] <= max_colour)):
                 break
             t, r = (a, b) if ab else (b, a)
-            aligned, rx, ry, colour = _refine(store, imeta, fmeta, t, r, s, px, py, step, mid_steps, mid_pad, fine_pad)
+            aligned, rx, ry, colour = _refine(store, imeta, fmeta, t, r, s, px, py, step, mid_steps, mid_pad,
+                                              fine_pad)
             if aligned > best:
                 it = imeta[t]
                 gx = _plane(store, it[FGX], it[H], it[W])[it[FY0]:it[FY0] + it[FTH], it[FX0]:it[FX0] + it[FTW]]
